@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make demo` and `make test`.  Both create .venv if missing and
+# install everything (torch from the local CPU build here; see README for GPU machines).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.lmjobs-installed
+OPS_STAMP := .cache/torch_extensions/.lmjobs-ops-built
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export RAY_AUTH_MODE := token
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP) $(OPS_STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: an unpinned torch would pull multi-GB CUDA wheels on this machine
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+# DeepSpeed JIT-compiles C++ ops on first use; build them once per checkout, not per worker/test.
+$(OPS_STAMP): $(STAMP)
+	@mkdir -p $(dir $(OPS_STAMP))
+	$(PY) -m lmjobs.ops
+	@touch $(OPS_STAMP)
+
+demo: install
+	$(PY) -m lmjobs.demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	@echo "benchmarks arrive with the capabilities they measure (see benchmarks/README.md)"
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache

@@ -1,0 +1,157 @@
+"""`lmjobs cluster up|down|status`: one real local Ray head that this tool owns.
+
+`up` runs `ray start --head` in a new process session with its own temp dir, bound to 127.0.0.1
+with token auth, and records what it started in a state file.  `down` stops exactly those
+processes (the session's process group, anything naming its session dir, and their
+descendants): other Ray clusters on the machine are left alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import psutil
+
+from cluster import storage
+from cluster.connect import LOOPBACK, ensure_token_auth
+
+
+def state_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("LMJOBS_HOME", pathlib.Path.home() / ".lmjobs"))
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    gcs_address: str
+    dashboard_url: str
+    temp_dir: str
+    pgid: int
+    num_cpus: int
+    started_at: float
+
+    @staticmethod
+    def state_file() -> pathlib.Path:
+        return state_dir() / "cluster.json"
+
+    @classmethod
+    def load(cls) -> "LocalCluster | None":
+        path = cls.state_file()
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+    def save(self) -> None:
+        storage.write_text(str(self.state_file()), json.dumps(asdict(self), indent=2))
+
+
+def _ray_bin() -> str:
+    exe = pathlib.Path(sys.executable).with_name("ray")
+    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
+       temp_dir: str = "/tmp/lmjobs-ray") -> LocalCluster:
+    ensure_token_auth()
+    existing = LocalCluster.load()
+    if existing and _processes(existing):
+        raise RuntimeError(f"a local cluster started by lmjobs is already running at {existing.gcs_address}; "
+                           "`lmjobs cluster down` first")
+    num_cpus = num_cpus or os.cpu_count() or 1
+    cmd = [_ray_bin(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={port}",
+           f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
+           f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=180)
+    if proc.returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise RuntimeError(f"`ray start --head` failed (exit {proc.returncode}):\n{tail}")
+    cluster = LocalCluster(gcs_address=f"{LOOPBACK}:{port}",
+                           dashboard_url=f"http://{LOOPBACK}:{dashboard_port}",
+                           temp_dir=temp_dir, pgid=proc.pid, num_cpus=num_cpus,
+                           started_at=time.time())
+    cluster.save()
+    return cluster
+
+
+def _processes(cluster: LocalCluster) -> list[psutil.Process]:
+    """Every live process that belongs to the cluster we started."""
+    roots: dict[int, psutil.Process] = {}
+    marker = cluster.temp_dir.rstrip("/") + "/"
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getpgid(p.pid) == cluster.pgid or any(marker in a for a in (p.info["cmdline"] or [])):
+                roots[p.pid] = p
+        except (ProcessLookupError, psutil.Error):
+            continue
+    found = dict(roots)
+    for p in roots.values():
+        try:
+            for child in p.children(recursive=True):
+                found[child.pid] = child
+        except psutil.Error:
+            continue
+    found.pop(os.getpid(), None)
+    return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def down(grace_s: float = 15.0) -> int:
+    """Stop what `up` started; returns how many processes were stopped."""
+    cluster = LocalCluster.load()
+    if cluster is None:
+        return 0
+    procs = _processes(cluster)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    left = _processes(cluster)
+    if left:
+        raise RuntimeError(f"processes of the local cluster survived: {[p.pid for p in left]}")
+    LocalCluster.state_file().unlink(missing_ok=True)
+    return len(procs)
+
+
+def status(address: str | None = None) -> dict:
+    """Resources, nodes and jobs of the local cluster (or of `address`)."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    ensure_token_auth()
+    cluster = LocalCluster.load()
+    if address is None and cluster is None:
+        raise RuntimeError("no local cluster is running; start one with `lmjobs cluster up`, or pass --address")
+    gcs = address or cluster.gcs_address
+    ray.init(address=gcs, logging_level="ERROR", log_to_driver=False)
+    try:
+        info = {
+            "address": gcs,
+            "dashboard": cluster.dashboard_url if cluster and not address else None,
+            "resources": ray.cluster_resources(),
+            "available": ray.available_resources(),
+            "nodes": [{"node_ip": n["NodeManagerAddress"], "alive": n["Alive"], "resources": n["Resources"]}
+                      for n in ray.nodes()],
+        }
+    finally:
+        ray.shutdown()
+    info["jobs"] = []
+    if info["dashboard"]:
+        client = JobSubmissionClient(info["dashboard"])
+        info["jobs"] = [{"id": j.submission_id or j.job_id, "status": str(j.status.value), "entrypoint": j.entrypoint}
+                        for j in client.list_jobs()]
+    return info

@@ -1,0 +1,147 @@
+"""Job specs: YAML with `kind`, `name` and one typed section per component.
+
+Each component owns a small frozen config class (a `Section`).  A job kind is a `Section` whose
+fields are those components.  Loading validates everything before any cluster work and turns
+every problem into one readable line that names the field path (`SpecError`).
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import pathlib
+from typing import Any, Mapping
+
+import pydantic
+import yaml
+
+
+class Section(pydantic.BaseModel):
+    """Base of every component config: frozen, typed, unknown keys rejected."""
+
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class JobSpec(Section):
+    """Base of every job kind.  Subclasses add one field per component section."""
+
+    kind: str
+    name: str = pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class SpecError(ValueError):
+    """A spec problem for the user: one line per problem, each naming the field path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def _model_at(model: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseModel] | None:
+    """The Section class that owns the key at `loc` (the parent of the unknown key)."""
+    current: Any = model
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, pydantic.BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = field.annotation
+    if isinstance(current, type) and issubclass(current, pydantic.BaseModel):
+        return current
+    return None
+
+
+def _describe(model: type[pydantic.BaseModel], err: Mapping[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(model, loc[:-1])
+        valid = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{path}: unknown key; {hint}valid keys here: {', '.join(valid)}"
+    if err["type"] == "missing":
+        return f"{path}: required field is missing"
+    msg = err["msg"]
+    if err["type"] not in ("value_error", "assertion_error") and "input" in err:
+        got = json.dumps(err["input"], default=str)
+        if len(got) > 60:
+            got = got[:57] + "..."
+        msg = f"{msg} (got {got})"
+    msg = msg.removeprefix("Value error, ")
+    # Cross-field checks already name their fields; don't prefix them with the section again.
+    return msg if err["type"] == "value_error" and (not loc or msg.startswith(str(loc[0]))) else f"{path}: {msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a', 'b'], value); the value is parsed as YAML so `3e-4`, `true`, `[1,2]` work."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise SpecError("--set", [f"{text!r}: expected KEY.PATH=VALUE"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 does not read "3e-4" as a float; users expect it to be one.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise SpecError("--set", [f"{text!r}: '{k}' is not a section"])
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def read_yaml(path: str | pathlib.Path) -> dict:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise SpecError(str(path), ["spec file not found"])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise SpecError(str(path), [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if not isinstance(data, dict):
+        raise SpecError(str(path), ["a spec is a mapping with 'kind', 'name' and one section per component"])
+    return data
+
+
+def load_spec(path: str | pathlib.Path, kinds: Mapping[str, type[JobSpec]],
+              overrides: list[str] = (), expect_kind: str | None = None) -> JobSpec:
+    """Read, override and validate a spec.  Raises SpecError listing every problem."""
+    source = str(path)
+    data = apply_overrides(read_yaml(path), list(overrides))
+    kind = data.get("kind")
+    if kind not in kinds:
+        close = difflib.get_close_matches(str(kind), list(kinds), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise SpecError(source, [f"kind: {kind!r} is not a job kind; {hint}valid kinds: {', '.join(sorted(kinds))}"])
+    if expect_kind and kind != expect_kind:
+        raise SpecError(source, [f"kind: this command runs '{expect_kind}' specs, the file says '{kind}'"])
+    model = kinds[kind]
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise SpecError(source, [_describe(model, e) for e in exc.errors()]) from None
+
+
+def resolved_dict(spec: JobSpec) -> dict:
+    """The fully resolved config (defaults filled in) as plain data, for run directories."""
+    return spec.model_dump(mode="json")

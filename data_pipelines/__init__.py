@@ -1,0 +1,1 @@
+"""Turning raw and labelled data into datasets the trainers stream."""

@@ -1,0 +1,1 @@
+"""lmjobs: the jobs (pre-training, fine-tuning, tuning, RLHF, evaluation) and the CLI."""

@@ -1,0 +1,123 @@
+"""`lmjobs`: the one console script.  Specs are validated before any cluster work."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cluster.spec import SpecError, load_spec
+
+EXIT_SPEC = 2
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="job spec YAML (kind, name, one section per component)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a field, e.g. --set optim.lr=3e-4 (repeatable)")
+
+
+def _load(args, kind: str | None):
+    from lmjobs.config import KINDS
+
+    overrides = list(args.overrides)
+    if getattr(args, "address", None):
+        overrides.append(f"scaling.address={args.address}")
+    return load_spec(args.spec, KINDS, overrides, expect_kind=kind)
+
+
+def cmd_validate(args) -> int:
+    spec = _load(args, None)
+    print(f"{args.spec}: valid {spec.kind} spec '{spec.name}'")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    spec = _load(args, "pretrain")  # before any cluster work
+    from lmjobs.pretrain.driver import run
+
+    out = run(spec)
+    print(f"[pretrain] done: loss {out['first_loss']:.4f} -> {out['final_loss']:.4f} in {out['steps']} steps")
+    print(f"  run directory : {out['run_dir']}")
+    print(f"  checkpoint    : {out['checkpoint']}")
+    print(f"  metrics       : {out['metrics']}")
+    print(f"  loss curve    : {out['loss_plot']}")
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from cluster import local
+
+    if args.action == "up":
+        c = local.up(num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port,
+                     temp_dir=args.temp_dir)
+        print(f"local Ray cluster up: address {c.gcs_address}, dashboard {c.dashboard_url}, "
+              f"{c.num_cpus} CPUs, token auth on (token in ~/.ray/auth_token)")
+        print(f"  use it: RAY_ADDRESS={c.gcs_address} lmjobs pretrain SPEC.yaml")
+    elif args.action == "down":
+        n = local.down()
+        print(f"local Ray cluster down ({n} processes stopped)" if n else "no local cluster started by lmjobs is running")
+    else:
+        info = local.status(args.address)
+        if args.json:
+            print(json.dumps(info, indent=2, default=str))
+            return 0
+        res, avail = info["resources"], info["available"]
+        print(f"address   {info['address']}")
+        if info["dashboard"]:
+            print(f"dashboard {info['dashboard']}")
+        print(f"nodes     {sum(n['alive'] for n in info['nodes'])} alive")
+        for key in sorted(res):
+            if key in ("CPU", "GPU", "memory", "object_store_memory") or not key.startswith("node:"):
+                total, free = res[key], avail.get(key, 0.0)
+                if key in ("memory", "object_store_memory"):
+                    print(f"{key:<22}{free / 2**30:8.2f} / {total / 2**30:.2f} GiB free")
+                else:
+                    print(f"{key:<22}{free:8g} / {total:g} free")
+        print(f"jobs      {len(info['jobs'])}")
+        for j in info["jobs"]:
+            print(f"  {j['id']:<28} {j['status']:<10} {j['entrypoint']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmjobs", description="Distributed language-model jobs on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a job spec without touching any cluster")
+    _add_spec_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("pretrain", help="pre-train a causal LM on Ray Train + DeepSpeed")
+    _add_spec_args(p)
+    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("cluster", help="a local Ray head on this machine (127.0.0.1, token auth)")
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = csub.add_parser("up", help="start a local Ray head (ray start --head)")
+    up.add_argument("--num-cpus", type=int, default=None, help="CPUs to offer (default: all cores)")
+    up.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
+    up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / Jobs API port (default 8265)")
+    up.add_argument("--temp-dir", default="/tmp/lmjobs-ray", help="Ray temp dir of this cluster")
+    csub.add_parser("down", help="stop the cluster `up` started, and nothing else")
+    st = csub.add_parser("status", help="resources, nodes and jobs")
+    st.add_argument("--address", help="another cluster's GCS address (default: the local one)")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_cluster)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_SPEC
+    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+        print(f"lmjobs: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

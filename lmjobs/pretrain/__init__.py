@@ -1,0 +1,1 @@
+"""`lmjobs pretrain`: causal-LM pre-training on Ray Train with DeepSpeed ZeRO."""

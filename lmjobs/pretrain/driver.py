@@ -1,0 +1,69 @@
+"""Driver of `lmjobs pretrain`: data, ScalingConfig, RunConfig, TorchTrainer, and the run dir."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import yaml
+
+from cluster import storage
+from cluster.connect import connect
+from cluster.spec import resolved_dict
+from data_pipelines.text import blocks_dataset, byte_blocks, read_texts
+from lmjobs.config import PretrainSpec
+from lmjobs.plots import loss_curve
+from lmjobs.pretrain.worker import train_loop_per_worker
+
+# Passed to workers on any cluster: where the prebuilt DeepSpeed ops live, thread counts.
+_FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                  "AWS_DEFAULT_REGION")
+
+
+def run_root(spec: PretrainSpec) -> str:
+    root = spec.output.root
+    return root if storage.is_remote(root) else str(pathlib.Path(root).expanduser().resolve())
+
+
+def run(spec: PretrainSpec) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    root = run_root(spec)
+    run_dir = storage.join(root, spec.name)
+    cfg = spec.output.storage
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    connect(spec.scaling.address, num_cpus=spec.scaling.embedded_num_cpus,
+            runtime_env={"env_vars": env} if env else None)
+    storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
+                       yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
+
+    texts = read_texts(spec.data.source, cfg)
+    blocks = byte_blocks(texts, spec.data.seq_len, spec.data.max_blocks)
+    dataset = blocks_dataset(blocks, seed=spec.train.seed)
+
+    storage_path, filesystem = storage.train_storage(root, cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": resolved_dict(spec), "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+            resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    metrics_uri = storage.join(run_dir, "metrics.jsonl")
+    history = [json.loads(line) for line in storage.read_text(metrics_uri, cfg).splitlines() if line]
+    plot = loss_curve(history, storage.join(run_dir, "loss.png"), f"{spec.name}: pre-training loss", cfg)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and storage.is_remote(root):
+        checkpoint = "s3://" + checkpoint
+    return {"run_dir": run_dir, "checkpoint": checkpoint, "metrics": metrics_uri, "loss_plot": plot,
+            "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+            "num_blocks": int(len(blocks)), "steps": history[-1]["step"]}

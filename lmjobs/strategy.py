@@ -1,0 +1,109 @@
+"""The one module that talks to DeepSpeed: config, initialize, backward/step, checkpoints.
+
+Every trainer goes through `DeepSpeedStrategy`; nothing else imports deepspeed.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+
+import torch
+
+from lmjobs.config import DeepSpeedSection, OptimSection
+
+CHECKPOINT_TAG = "state"
+
+
+def lr_lambda(optim: OptimSection, total_steps: int):
+    """Linear warmup to optim.lr, then cosine decay to optim.min_lr at total_steps."""
+    floor = optim.min_lr / optim.lr
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, micro_batch_size: int) -> dict:
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+            "weight_decay": optim.weight_decay}},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if optim.grad_clip > 0:
+        config["gradient_clipping"] = optim.grad_clip
+    if ds.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif ds.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return config
+
+
+class DeepSpeedStrategy:
+    def __init__(self, ds: DeepSpeedSection, optim: OptimSection, micro_batch_size: int, total_steps: int):
+        self.config = deepspeed_config(ds, optim, micro_batch_size)
+        self.optim = optim
+        self.total_steps = total_steps
+        self.engine = None
+
+    def setup(self, model: torch.nn.Module):
+        import deepspeed
+
+        # Ray Train already formed the process group; DeepSpeed adopts it.
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        schedule = lr_lambda(self.optim, self.total_steps)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        return self.engine
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def forward_backward(self, **batch) -> torch.Tensor:
+        """One micro step; returns the unscaled loss (detached)."""
+        loss = self.engine(**batch).loss
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed only steps the optimizer at accumulation boundaries
+        return loss.detach()
+
+    def is_boundary(self) -> bool:
+        """True right after a micro step that completed an optimizer step."""
+        return self.engine.global_steps > 0 and self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, directory: str | os.PathLike, client_state: dict) -> None:
+        """Each rank writes its own ZeRO shard (plus rank 0 the module states) into directory."""
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
+
+    def load(self, directory: str | os.PathLike) -> dict:
+        path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
+        return client_state or {}
+
+    @staticmethod
+    def has_checkpoint(directory: str | os.PathLike) -> bool:
+        return (pathlib.Path(directory) / CHECKPOINT_TAG).is_dir()
