@@ -79,8 +79,27 @@ def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def _s3_client(cfg: StorageConfig | None):
+    import boto3
+
+    region = (cfg.region if cfg else None) or None
+    return boto3.client("s3", endpoint_url=_endpoint(cfg), region_name=region)
+
+
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    """The whole object as one consistent version.
+
+    On S3 this is a single GET: a streamed read issues several range requests and can stitch
+    together two versions of an object that is overwritten meanwhile.
+    """
     fs, path = resolve(uri, cfg)
+    if is_remote(uri):
+        bucket, _, key = path.partition("/")
+        client = _s3_client(cfg)
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            raise FileNotFoundError(f"{uri}: no such file") from None
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{uri}: no such file")

@@ -16,8 +16,19 @@ from lmjobs.plots import loss_curve
 from lmjobs.pretrain.worker import train_loop_per_worker
 
 # Passed to workers on any cluster: where the prebuilt DeepSpeed ops live, thread counts.
+DATA_CPUS = 0.5  # kept free on a fixed-size cluster for Ray Data's read/split tasks
 _FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
                   "AWS_DEFAULT_REGION")
+
+
+def check_cpu_headroom(total_cpus: float, num_workers: int, cpus_per_worker: float) -> None:
+    """Train workers holding every CPU leave Ray Data none, and the run hangs: refuse that."""
+    needed = num_workers * cpus_per_worker
+    if needed > total_cpus - DATA_CPUS:
+        raise RuntimeError(
+            f"scaling: {num_workers} workers x {cpus_per_worker} CPU = {needed:g} CPUs on a cluster of "
+            f"{total_cpus:g}; leave at least {DATA_CPUS:g} CPU for Ray Data (lower "
+            f"scaling.cpus_per_worker, e.g. to {max(0.1, (total_cpus - DATA_CPUS) / num_workers):.2g})")
 
 
 def run_root(spec: PretrainSpec) -> str:
@@ -26,6 +37,7 @@ def run_root(spec: PretrainSpec) -> str:
 
 
 def run(spec: PretrainSpec) -> dict:
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -33,8 +45,11 @@ def run(spec: PretrainSpec) -> dict:
     run_dir = storage.join(root, spec.name)
     cfg = spec.output.storage
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    connect(spec.scaling.address, num_cpus=spec.scaling.embedded_num_cpus,
-            runtime_env={"env_vars": env} if env else None)
+    joined = connect(spec.scaling.address, num_cpus=spec.scaling.embedded_num_cpus,
+                     runtime_env={"env_vars": env} if env else None)
+    if joined["embedded"]:  # a fixed-size cluster; remote ones may autoscale
+        check_cpu_headroom(ray.cluster_resources().get("CPU", 0.0), spec.scaling.num_workers,
+                           spec.scaling.cpus_per_worker)
     storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
                        yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
 

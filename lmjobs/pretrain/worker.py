@@ -57,6 +57,7 @@ def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
     if resume_dir is not None:
         client = strategy.load(resume_dir)
         state.update({k: client[k] for k in ("step", "micro_batches", "tokens", "history") if k in client})
+    start_step = state["step"]
     batches = _forever(make_epoch)
     # Skip what this rank already consumed, so a resumed run continues where it stopped.
     for _ in range(state["micro_batches"]):
@@ -91,6 +92,7 @@ def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
             "step": step, "loss": _mean_across_ranks(loss_sum, loss_count),
             "lr": strategy.lr(), "grad_norm": strategy.grad_norm(), "tokens": state["tokens"],
             "tokens_per_s": steps_window * tokens_per_step / max(elapsed, 1e-9),
+            "start_step": start_step,  # where this attempt began: > 0 after a resume
         }
         state["history"].append(metrics)
         loss_sum, loss_count, t_window, steps_window = 0.0, 0, time.perf_counter(), 0

@@ -1,0 +1,65 @@
+"""Shared test infrastructure: one real Ray cluster per session, a real S3 server on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import uuid
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Set before anything starts Ray: Ray workers inherit this environment.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+# Dummy credentials for the local moto server only; no AWS endpoint is ever contacted.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+for var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(var, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The session's real Ray cluster: 2 CPUs, like the CI machine, token auth on."""
+    import ray
+
+    from cluster.connect import connect, disconnect
+
+    info = connect(num_cpus=2, dashboard=True)
+    assert info["embedded"]
+    yield ray.get_runtime_context().gcs_address
+    disconnect()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3-protocol server (moto in server mode) listening on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket for one test: (s3://bucket, StorageConfig pointing at the moto server)."""
+    import boto3
+
+    from cluster.storage import StorageConfig
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    yield f"s3://{name}", StorageConfig(endpoint_url=s3_endpoint)

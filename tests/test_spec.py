@@ -1,0 +1,111 @@
+"""Job specs: typed, frozen, validated before any cluster work, errors name the field."""
+import subprocess
+import sys
+
+import pydantic
+import pytest
+
+from cluster.spec import SpecError, load_spec, parse_override, resolved_dict
+from lmjobs.config import KINDS, PretrainSpec
+from tests.conftest import REPO
+
+TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"
+
+
+def write(tmp_path, text):
+    p = tmp_path / "spec.yaml"
+    p.write_text(text)
+    return p
+
+
+def problems(path, overrides=()):
+    with pytest.raises(SpecError) as info:
+        load_spec(path, KINDS, list(overrides))
+    return info.value.problems
+
+
+def test_recipes_validate_and_fill_defaults():
+    for recipe in (REPO / "lmjobs" / "recipes").glob("*.yaml"):
+        spec = load_spec(recipe, KINDS)
+        assert spec.kind in KINDS
+    spec = load_spec(TINY, KINDS)
+    assert isinstance(spec, PretrainSpec)
+    assert spec.global_batch_size == 8 * 1 * 2
+    resolved = resolved_dict(spec)
+    assert resolved["optim"]["betas"] == [0.9, 0.95]  # default filled in
+    assert resolved["output"]["storage"] == {"endpoint_url": None, "region": None}
+
+
+def test_misspelt_key_names_path_and_closest(tmp_path):
+    p = write(tmp_path, "kind: pretrain\nname: x\nmodel:\n  hiden_size: 64\n")
+    [msg] = problems(p)
+    assert msg.startswith("model.hiden_size: unknown key")
+    assert "did you mean 'hidden_size'" in msg
+
+
+def test_wrong_type_and_allowed_values(tmp_path):
+    p = write(tmp_path, "kind: pretrain\nname: x\ntrain:\n  steps: many\ndeepspeed:\n  zero_stage: 4\n")
+    msgs = problems(p)
+    assert any(m.startswith("train.steps:") and "integer" in m for m in msgs)
+    assert any(m.startswith("deepspeed.zero_stage:") and "0, 1, 2 or 3" in m for m in msgs)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["deepspeed.precision=fp16"], "fp16 needs scaling.use_gpu=true"),
+    (["model.num_heads=3"], "multiple of model.num_heads"),
+    (["deepspeed.offload_params=true"], "offload_params needs deepspeed.zero_stage 3"),
+    (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], "offload_optimizer needs"),
+    (["optim.min_lr=1"], "must not exceed optim.lr"),
+    (["optim.warmup_steps=12"], "must be below train.steps"),
+])
+def test_impossible_combinations(overrides, needle):
+    msgs = problems(TINY, overrides)
+    assert any(needle in m for m in msgs), msgs
+
+
+def test_unknown_kind_and_bad_yaml(tmp_path):
+    [msg] = problems(write(tmp_path, "kind: pretrian\nname: x\n"))
+    assert "did you mean 'pretrain'" in msg
+    [msg] = problems(write(tmp_path, "kind: pretrain\nname: [x\n"))
+    assert "not valid YAML" in msg
+
+
+def test_overrides():
+    assert parse_override("optim.lr=3e-4") == (["optim", "lr"], 3e-4)
+    assert parse_override("scaling.use_gpu=true") == (["scaling", "use_gpu"], True)
+    assert parse_override("optim.betas=[0.9, 0.99]") == (["optim", "betas"], [0.9, 0.99])
+    spec = load_spec(TINY, KINDS, ["optim.lr=3e-2", "output.storage.region=eu-west-1"])
+    assert spec.optim.lr == 3e-2 and spec.output.storage.region == "eu-west-1"
+    [msg] = problems(TINY, ["optim.lr.x=1"])
+    assert "'lr' is not a section" in msg
+
+
+def test_configs_are_frozen():
+    spec = load_spec(TINY, KINDS)
+    with pytest.raises(pydantic.ValidationError):
+        spec.optim.lr = 1.0
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lmjobs.cli", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_cli_validate_one_line_exit_2(tmp_path):
+    p = write(tmp_path, TINY.read_text().replace("hidden_size:", "hidden_sise:"))
+    out = run_cli("validate", str(p))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "model.hidden_sise: unknown key; did you mean 'hidden_size'?" in lines[0]
+    assert "Traceback" not in out.stderr + out.stdout
+    ok = run_cli("validate", str(TINY))
+    assert ok.returncode == 0 and "valid pretrain spec 'tiny'" in ok.stdout
+
+
+def test_job_command_validates_before_cluster_work(tmp_path):
+    """A bad spec fails in well under Ray's start-up time and never starts Ray."""
+    out = run_cli("pretrain", str(TINY), "--set", "train.stepz=3")
+    assert out.returncode == 2
+    assert "train.stepz: unknown key; did you mean 'steps'?" in out.stderr
+    assert "Started a local Ray instance" not in out.stderr + out.stdout
