@@ -130,7 +130,7 @@ def down(grace_s: float = 15.0) -> int:
 def status(address: str | None = None) -> dict:
     """Resources, nodes and jobs of the local cluster (or of `address`)."""
     import ray
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobStatus, JobSubmissionClient, JobType
 
     ensure_token_auth()
     cluster = LocalCluster.load()
@@ -152,6 +152,9 @@ def status(address: str | None = None) -> dict:
     info["jobs"] = []
     if info["dashboard"]:
         client = JobSubmissionClient(info["dashboard"])
-        info["jobs"] = [{"id": j.submission_id or j.job_id, "status": str(j.status.value), "entrypoint": j.entrypoint}
-                        for j in client.list_jobs()]
+        # Submitted jobs, plus drivers still attached (finished drivers, ours included, are noise).
+        info["jobs"] = [{"id": j.submission_id or j.job_id, "type": str(j.type.value),
+                         "status": str(j.status.value), "entrypoint": j.entrypoint}
+                        for j in client.list_jobs()
+                        if j.type == JobType.SUBMISSION or j.status == JobStatus.RUNNING]
     return info

@@ -1,0 +1,45 @@
+"""End-to-end: the CLI and the demo as a user runs them, on the session's Ray cluster (slow)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"
+
+
+def run(args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cli_pretrain_on_running_cluster(ray_cluster, tmp_path):
+    out = run(["-m", "lmjobs.cli", "pretrain", str(TINY), "--address", ray_cluster,
+               "--set", f"output.root={tmp_path}", "--set", "name=cli-run"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "cli-run"
+    assert f"run directory : {run_dir}" in out.stdout
+    assert f"checkpoint    : {run_dir}/checkpoint_step0000012" in out.stdout
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["step"] == 12 and steps[-1]["loss"] < steps[0]["loss"]
+    resolved = (run_dir / "resolved_config.yaml").read_text()
+    assert f"address: {ray_cluster}" in resolved and "zero_stage: 2" in resolved
+
+
+@pytest.mark.slow
+def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
+    small = ["--set", f"scaling.address={ray_cluster}", "--set", "train.steps=12", "--set", "train.log_every=4",
+             "--set", "train.checkpoint_every=6", "--set", "model.hidden_size=32", "--set", "data.max_blocks=256"]
+    out = run(["-m", "lmjobs.demo", "--out", str(tmp_path), *small])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "== demo finished" in out.stdout
+    summary = json.loads((tmp_path / "demo-pretrain" / "demo_summary.json").read_text())
+    for key in ("run_dir", "checkpoint", "metrics", "loss_plot"):
+        assert summary["pretrain"][key] in out.stdout
+    assert (tmp_path / "demo-pretrain" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["pretrain"]["final_loss"] < summary["pretrain"]["first_loss"]
