@@ -1,0 +1,90 @@
+"""Deduplication primitives: exact keys and MinHash-LSH signatures, deterministic everywhere.
+
+Hashes are fixed functions (blake2b, seeded permutations), never Python's salted `hash`, so
+every Ray worker computes the same signature for the same text.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+
+_MERSENNE = np.uint64((1 << 61) - 1)
+_MAX32 = np.uint64(0xFFFFFFFF)
+_WS = re.compile(r"\s+")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def canonical(text: str) -> str:
+    """The text dedup compares: lower case, no punctuation, single spaces."""
+    return _WS.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
+
+
+def exact_key(text: str) -> str:
+    return hashlib.blake2b(canonical(text).encode("utf-8"), digest_size=16).hexdigest()
+
+
+def shingles(text: str, ngram: int, unit: str = "word") -> set[str]:
+    canon = canonical(text)
+    if unit == "char":
+        return {canon[i:i + ngram] for i in range(max(1, len(canon) - ngram + 1))}
+    words = canon.split(" ")
+    return {" ".join(words[i:i + ngram]) for i in range(max(1, len(words) - ngram + 1))}
+
+
+class MinHasher:
+    """`bands x rows` permutations; `band_keys` gives one bucket key per band."""
+
+    def __init__(self, bands: int = 14, rows: int = 8, ngram: int = 5, unit: str = "word", seed: int = 42):
+        self.bands, self.rows, self.ngram, self.unit = bands, rows, ngram, unit
+        rng = np.random.default_rng(seed)
+        n = bands * rows
+        self.a = rng.integers(1, 1 << 32, size=n, dtype=np.uint64)
+        self.b = rng.integers(0, 1 << 32, size=n, dtype=np.uint64)
+
+    def signature(self, text: str) -> np.ndarray:
+        """[bands * rows] uint32 MinHash signature."""
+        hashes = np.fromiter(
+            (int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=4).digest(), "little")
+             for s in shingles(text, self.ngram, self.unit)), dtype=np.uint64)
+        # (a*h + b) mod (2^61 - 1): a, h < 2^32 so a*h fits in uint64
+        perm = (self.a[:, None] * hashes[None, :] + self.b[:, None]) % _MERSENNE & _MAX32
+        return perm.min(axis=1).astype(np.uint32)
+
+    def band_keys(self, signature: np.ndarray) -> list[bytes]:
+        sig = signature.reshape(self.bands, self.rows)
+        return [bytes([i]) + hashlib.blake2b(sig[i].tobytes(), digest_size=8).digest() for i in range(self.bands)]
+
+
+def jaccard(a: str, b: str, ngram: int = 5, unit: str = "word") -> float:
+    sa, sb = shingles(a, ngram, unit), shingles(b, ngram, unit)
+    return len(sa & sb) / max(1, len(sa | sb))
+
+
+class UnionFind:
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, x):
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, x, y) -> None:
+        rx, ry = self.find(x), self.find(y)
+        if rx != ry:  # the smaller id is the root, so the kept document is deterministic
+            if ry < rx:
+                rx, ry = ry, rx
+            self.parent[ry] = rx
+
+
+def duplicates_from_buckets(buckets: dict[bytes, list]) -> set:
+    """Ids to drop: every member of a near-duplicate cluster except its smallest id."""
+    uf = UnionFind()
+    for members in buckets.values():
+        for other in members[1:]:
+            uf.union(members[0], other)
+    return {x for x in uf.parent if uf.find(x) != x}
