@@ -143,7 +143,7 @@ def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
 def list_files(uri: str, cfg: StorageConfig | None = None) -> list[str]:
     """Relative paths of every file below `uri` (recursive), sorted."""
     fs, path = resolve(uri, cfg)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if fs.get_file_info(path).type != pafs.FileType.Directory:  # S3 prefixes read as directories
         return []
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File)

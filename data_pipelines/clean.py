@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+
+from cluster.spec import Section
 
 # Control characters other than newline and tab (C0, DEL, C1).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -36,9 +37,8 @@ def scrub_pii(text: str) -> str:
     return _PHONE.sub("<PHONE>", text)
 
 
-@dataclass(frozen=True)
-class QualityRules:
-    """Gopher (Rae et al. 2021) and C4 heuristics; None disables a rule."""
+class QualityRules(Section):
+    """Gopher (Rae et al. 2021) and C4 heuristics; null disables a rule."""
 
     min_words: int | None = 50
     max_words: int | None = 100_000

@@ -1,0 +1,101 @@
+"""Corpus sources: which files a source names, and how one file becomes records or rejects.
+
+`read_records` is a pure function of the file's bytes, so every record keeps its exact byte
+offset and a malformed one becomes a reject with a reason instead of stopping the run.
+"""
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import json
+from typing import Iterator, Literal
+
+import pydantic
+
+from cluster import storage
+from cluster.spec import Section
+
+RAW_PREFIX_BYTES = 256
+
+
+class SourceSection(Section):
+    path: str  # a file, a directory, or a glob (`corpus/*.jsonl.gz`); local or s3://
+    format: Literal["text", "jsonl"] = "text"
+    split: Literal["file", "line", "paragraph"] = "paragraph"  # text: one doc per file/line/paragraph
+    text_field: str = "text"  # jsonl: the field holding the document
+    max_record_bytes: int = pydantic.Field(1_000_000, ge=1)
+
+
+def expand(source: SourceSection, cfg: storage.StorageConfig | None = None) -> list[str]:
+    """The files a source names, sorted; a missing source is an error, not an empty corpus."""
+    path = source.path
+    if any(c in path for c in "*?["):
+        base = path[: path.rfind("/", 0, min(path.index(c) for c in "*?[" if c in path))]
+        files = [storage.join(base, f) for f in storage.list_files(base, cfg)]
+        found = sorted(f for f in files if fnmatch.fnmatch(f, storage.join(path)) or fnmatch.fnmatch(f, path))
+    elif not storage.exists(path, cfg):
+        found = []
+    else:
+        listed = storage.list_files(path, cfg)
+        found = [storage.join(path, f) for f in listed] if listed else [path]
+    if not found:
+        raise FileNotFoundError(f"source {path}: no such file, directory or matching files")
+    return found
+
+
+def _record(offset: int, raw: bytes, text: str | None, reason: str) -> dict:
+    return {"offset": offset, "text": text or "", "reason": reason,
+            "raw": raw[:RAW_PREFIX_BYTES].decode("utf-8", errors="replace") if reason else ""}
+
+
+def _segments(data: bytes, split: str) -> Iterator[tuple[int, bytes]]:
+    if split == "file":
+        yield 0, data
+        return
+    sep = b"\n" if split == "line" else b"\n\n"
+    pos = 0
+    while pos <= len(data):
+        end = data.find(sep, pos)
+        end = len(data) if end < 0 else end
+        chunk = data[pos:end]
+        if chunk.strip():
+            yield pos, chunk
+        pos = end + len(sep)
+        if split == "paragraph":  # runs of blank lines are one separator
+            while data.startswith(b"\n", pos):
+                pos += 1
+
+
+def read_records(data: bytes, path: str, source: SourceSection) -> Iterator[dict]:
+    """Records of one file: {offset, text, reason, raw}; reason is '' for a good record."""
+    if path.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            yield _record(0, data, None, f"bad gzip: {exc}")
+            return
+    split = "line" if source.format == "jsonl" else source.split
+    for offset, raw in _segments(data, split):
+        if len(raw) > source.max_record_bytes:
+            yield _record(offset, raw, None, f"oversize record ({len(raw)} > {source.max_record_bytes} bytes)")
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield _record(offset, raw, None, f"undecodable bytes (utf-8: {exc.reason} at {exc.start})")
+            continue
+        if source.format == "text":
+            yield _record(offset, raw, text, "")
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield _record(offset, raw, None, f"bad JSON: {exc.msg}")
+            continue
+        if not isinstance(obj, dict) or source.text_field not in obj:
+            yield _record(offset, raw, None, f"missing field '{source.text_field}'")
+        elif not isinstance(obj[source.text_field], str):
+            kind = type(obj[source.text_field]).__name__
+            yield _record(offset, raw, None, f"field '{source.text_field}' is {kind}, not a string")
+        else:
+            yield _record(offset, raw, obj[source.text_field], "")

