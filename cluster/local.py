@@ -69,15 +69,16 @@ def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265
            f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    out, _ = proc.communicate(timeout=180)
-    if proc.returncode != 0:
-        tail = "\n".join(out.strip().splitlines()[-15:])
-        raise RuntimeError(f"`ray start --head` failed (exit {proc.returncode}):\n{tail}")
     cluster = LocalCluster(gcs_address=f"{LOOPBACK}:{port}",
                            dashboard_url=f"http://{LOOPBACK}:{dashboard_port}",
                            temp_dir=temp_dir, pgid=proc.pid, num_cpus=num_cpus,
                            started_at=time.time())
-    cluster.save()
+    cluster.save()  # before waiting: a failed start must still be cleaned up by `down`
+    out, _ = proc.communicate(timeout=180)
+    if proc.returncode != 0:
+        down()
+        tail = "\n".join(out.strip().splitlines()[-15:])
+        raise RuntimeError(f"`ray start --head` failed (exit {proc.returncode}):\n{tail}")
     return cluster
 
 

