@@ -40,7 +40,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
-	@echo "benchmarks arrive with the capabilities they measure (see benchmarks/README.md)"
+	$(PY) benchmarks/b2_corpus.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

@@ -67,6 +67,7 @@ class PackSection(Section):
 
 class PrepareOutput(Section):
     root: str = "data"  # the dataset lives in ROOT/NAME: shards, rejects, tokenizer, manifest
+    write_status: bool = False  # also write status/: every record's (path, offset, status, reason)
     storage: StorageConfig = StorageConfig()
 
 
@@ -195,6 +196,10 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
         rejects.select_columns(["path", "offset", "reason", "raw"]).write_json(
             f"{out_path}/rejects", filesystem=fs)
 
+    if spec.output.write_status:
+        records.select_columns(["doc_id", "path", "offset", "status", "reason"]).write_parquet(
+            f"{out_path}/status", filesystem=fs)
+
     final = records.filter(lambda r: r["status"] == "kept").select_columns(["doc_id", "text"])
     tokenizer = _tokenizer(final, spec, cfg)
     tok_json = tokenizer.to_str()
@@ -202,8 +207,10 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
 
     packed = final.map_batches(_pack, batch_format="pandas", batch_size=512,
                                fn_kwargs={"tokenizer_json": tok_json, "pack": spec.pack.model_dump()}).materialize()
-    by_split = packed.groupby("split").sum("num_tokens").to_pandas()
-    tokens = {r["split"]: int(r["sum(num_tokens)"]) for _, r in by_split.iterrows()}
+    tokens: dict[str, int] = {}
+    for b in packed.select_columns(["split", "num_tokens"]).iter_batches(batch_size=65536, batch_format="pandas"):
+        for split, n in b.groupby("split")["num_tokens"].sum().items():
+            tokens[split] = tokens.get(split, 0) + int(n)
     shards = {}
     for split in ("train", "val"):
         blocks = packed.filter(lambda r, s=split: r["split"] == s).select_columns(["input_ids"])
@@ -270,7 +277,10 @@ def _duplicates(records, dedup: DedupSection) -> tuple[set, set]:
 
 def _counts(records, spec: DataPrepareSpec) -> dict:
     """Per source and in total: read, each status, and reasons (rules / reject causes)."""
-    table = records.groupby(["source_index", "status", "reason"]).count().to_pandas()
+    # a streamed tally: the table is small, and a hash-shuffle groupby costs seconds per run
+    tally = pd.concat([b.value_counts().rename("count()").reset_index() for b in records.select_columns(
+        ["source_index", "status", "reason"]).iter_batches(batch_size=65536, batch_format="pandas")])
+    table = tally.groupby(["source_index", "status", "reason"], as_index=False)["count()"].sum()
     per_source = []
     for i, src in enumerate(spec.sources):
         rows = table[table["source_index"] == i]
