@@ -66,11 +66,12 @@ def build_corpus(directory: pathlib.Path, seed: int = 0) -> dict:
             "planted_exact": len(exact_src)}
 
 
-def spec_for(corpus: pathlib.Path, out: pathlib.Path) -> DataPrepareSpec:
+def spec_for(corpus: pathlib.Path, out: pathlib.Path, bands: int = 14, rows: int = 8) -> DataPrepareSpec:
     return DataPrepareSpec.model_validate({
         "kind": "data_prepare", "name": "b2",
         "sources": [{"path": f"{corpus}/*.jsonl", "format": "jsonl"}],
         "clean": {"quality": {"min_words": 5, "max_symbol_word_ratio": 0.5, "min_alpha_word_frac": 0.5}},
+        "dedup": {"bands": bands, "rows": rows},
         "tokenizer": {"kind": "bpe", "vocab_size": 4096, "sample_docs": 5000},
         "pack": {"seq_len": 256, "val_fraction": 0.0},
         "output": {"root": str(out), "write_status": True}})
@@ -198,11 +199,13 @@ def run_peer(spec: DataPrepareSpec, files: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b2.json"))
+    parser.add_argument("--bands", type=int, default=14, help="MinHash LSH bands (FineWeb: 14)")
+    parser.add_argument("--rows", type=int, default=8, help="rows per band (FineWeb: 8)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         corpus = build_corpus(tmp / "corpus")
-        spec = spec_for(tmp / "corpus", tmp / "out")
+        spec = spec_for(tmp / "corpus", tmp / "out", args.bands, args.rows)
         files = sorted(str(p) for p in (tmp / "corpus").glob("*.jsonl"))
         peer = run_peer(spec, files)
         ours = run_lmjobs(spec)
@@ -223,7 +226,7 @@ def main() -> int:
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
     L, P = report["lmjobs"], report["peer_hf_datasets"]
     print(f"\nB2 corpus pipeline: {n} documents ({corpus['planted_near']} near + {corpus['planted_exact']} exact "
-          f"duplicates planted), 2 CPUs")
+          f"duplicates planted), MinHash {args.bands} x {args.rows}, 2 CPUs")
     print(f"{'':<18}{'wall s':>9}{'docs/s':>10}{'near recall':>13}{'dup recall':>12}{'precision':>11}")
     print(f"{'hf datasets':<18}{P['wall_s']:>9.1f}{P['docs_per_s']:>10.0f}{P['near_recall']:>13.3f}"
           f"{P['dup_recall']:>12.3f}{P['precision']:>11.3f}")
