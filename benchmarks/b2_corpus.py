@@ -25,7 +25,7 @@ DATA = ROOT.parent / "shared" / "data" / "pretrain_text"
 
 from cluster.spec import resolved_dict  # noqa: E402
 from data_pipelines.clean import normalize, quality_failure, scrub_pii  # noqa: E402
-from data_pipelines.dedup import MinHasher, UnionFind, exact_key  # noqa: E402
+from data_pipelines.dedup import MinHasher, NearDupIndex, exact_key  # noqa: E402
 from data_pipelines.prepare import DataPrepareSpec, prepare  # noqa: E402
 from data_pipelines.sources import SourceSection, read_records  # noqa: E402
 from data_pipelines.tokenizer import EOS, train_bpe  # noqa: E402
@@ -155,22 +155,16 @@ def run_peer(spec: DataPrepareSpec, files: list[str]) -> dict:
 
     ds = ds.map(clean, batched=True, num_proc=2, batch_size=256)
     statuses = {(p, o): s for p, o, s in zip(ds["path"], ds["offset"], ds["status"])}
-    first, exact, uf, owner = {}, set(), UnionFind(), {}
+    first, exact, index = {}, set(), NearDupIndex()
     for p, o, s, key, bands in zip(ds["path"], ds["offset"], ds["status"], ds["key"], ds["bands"]):
         if s != "kept":
             continue
-        doc = (p, o)
         if key in first:
-            exact.add(doc)
+            exact.add((p, o))
             continue
-        first[key] = doc
-        for b in bands:
-            if b in owner:
-                uf.union(owner[b], doc)
-            else:
-                owner[b] = doc
-                uf.find(doc)
-    near = {x for x in uf.parent if uf.find(x) != x}
+        first[key] = (p, o)
+        index.add((p, o), bands)
+    near = index.duplicates()
     for doc in exact:
         statuses[doc] = "exact_dup"
     for doc in near:

@@ -81,10 +81,23 @@ class UnionFind:
             self.parent[ry] = rx
 
 
-def duplicates_from_buckets(buckets: dict[bytes, list]) -> set:
-    """Ids to drop: every member of a near-duplicate cluster except its smallest id."""
-    uf = UnionFind()
-    for members in buckets.values():
-        for other in members[1:]:
-            uf.union(members[0], other)
-    return {x for x in uf.parent if uf.find(x) != x}
+class NearDupIndex:
+    """Streams (doc id, band keys); docs that share any band join one cluster.
+
+    `duplicates()` holds every member of a cluster except its smallest id, so which document
+    stays depends only on the ids, never on the order they arrived in.
+    """
+
+    def __init__(self):
+        self._owner: dict = {}
+        self._clusters = UnionFind()
+
+    def add(self, doc, band_keys) -> None:
+        self._clusters.find(doc)
+        for band in band_keys:
+            owner = self._owner.setdefault(band, doc)
+            if owner != doc:
+                self._clusters.union(owner, doc)
+
+    def duplicates(self) -> set:
+        return {x for x in self._clusters.parent if self._clusters.find(x) != x}

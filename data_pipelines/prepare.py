@@ -20,7 +20,7 @@ from cluster import storage
 from cluster.spec import JobSpec, Section, resolved_dict
 from cluster.storage import StorageConfig
 from data_pipelines.clean import QualityRules, normalize, quality_failure, scrub_pii
-from data_pipelines.dedup import MinHasher, UnionFind, exact_key
+from data_pipelines.dedup import MinHasher, NearDupIndex, exact_key
 from data_pipelines.sources import SourceSection, expand, read_records
 from data_pipelines.tokenizer import EOS, char_level, fingerprint, train_bpe
 
@@ -248,8 +248,7 @@ def _duplicates(records, dedup: DedupSection) -> tuple[set, set]:
     """
     first_by_key: dict[str, int] = {}
     exact: set = set()
-    buckets = UnionFind()
-    band_owner: dict[bytes, int] = {}
+    index = NearDupIndex()
     for batch in records.select_columns(["doc_id", "status", "exact_key", "bands"]).iter_batches(
             batch_size=4096, batch_format="pandas"):
         for doc_id, status, key, bands in zip(batch["doc_id"], batch["status"], batch["exact_key"], batch["bands"]):
@@ -262,17 +261,11 @@ def _duplicates(records, dedup: DedupSection) -> tuple[set, set]:
                     first_by_key[key] = min(doc_id, first_by_key[key])
                     continue
                 first_by_key[key] = doc_id
-            for band in (bands if dedup.near else []):
-                band = bytes(band)
-                if band in band_owner:
-                    buckets.union(band_owner[band], doc_id)
-                else:
-                    band_owner[band] = doc_id
-                    buckets.find(doc_id)
-    # exact duplicates never entered the near-dup buckets (unless an exact dup came first in the
-    # stream and lost its place: a doc in `exact` is dropped as exact, whatever its cluster)
-    near = {x for x in buckets.parent if buckets.find(x) != x} - exact
-    return exact, near
+            if dedup.near:
+                index.add(doc_id, (bytes(b) for b in bands))
+    # an exact duplicate that arrived first and lost its place to a smaller id may sit in a
+    # near-dup cluster too: it counts once, as exact
+    return exact, index.duplicates() - exact
 
 
 def _counts(records, spec: DataPrepareSpec) -> dict:

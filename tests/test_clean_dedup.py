@@ -2,7 +2,7 @@
 import random
 
 from data_pipelines.clean import QualityRules, normalize, quality_failure, scrub_pii
-from data_pipelines.dedup import MinHasher, duplicates_from_buckets, exact_key, jaccard
+from data_pipelines.dedup import MinHasher, NearDupIndex, exact_key, jaccard
 
 PROSE = ("The quality of mercy is not strained. It droppeth as the gentle rain from heaven upon the "
          "place beneath. It is twice blest: it blesseth him that gives and him that takes. ") * 4
@@ -49,11 +49,10 @@ def test_minhash_finds_near_duplicates_and_spares_others():
     for j in range(20):  # 20 near copies, 1 % of words changed (Jaccard ~0.9 on word 5-grams)
         docs[100 + j] = _perturb(docs[j], 0.01, rng)
     hasher = MinHasher()
-    buckets: dict = {}
-    for doc_id, text in docs.items():
-        for key in hasher.band_keys(hasher.signature(text)):
-            buckets.setdefault(key, []).append(doc_id)
-    dropped = duplicates_from_buckets(buckets)
+    index = NearDupIndex()
+    for doc_id in sorted(docs, reverse=True):  # copies first: the smaller id must still win
+        index.add(doc_id, hasher.band_keys(hasher.signature(docs[doc_id])))
+    dropped = index.duplicates()
     assert dropped == {100 + j for j in range(20)}  # the copies go, the originals (smaller ids) stay
     assert jaccard(docs[0], docs[100]) > 0.85 and jaccard(docs[0], docs[1]) < 0.05
 
