@@ -91,3 +91,17 @@ def quality_failure(text: str, rules: QualityRules) -> str | None:
             if ell / len(lines) > rules.max_ellipsis_line_frac:
                 return "max_ellipsis_line_frac"
     return None
+
+
+_LANGUAGE_ID = None
+
+
+def language_of(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, probability) from py3langid, whose model ships inside the package."""
+    global _LANGUAGE_ID
+    if _LANGUAGE_ID is None:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        _LANGUAGE_ID = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    lang, prob = _LANGUAGE_ID.classify(text)
+    return lang, float(prob)

@@ -19,7 +19,7 @@ from pydantic import Field
 from cluster import storage
 from cluster.spec import JobSpec, Section, resolved_dict
 from cluster.storage import StorageConfig
-from data_pipelines.clean import QualityRules, normalize, quality_failure, scrub_pii
+from data_pipelines.clean import QualityRules, language_of, normalize, quality_failure, scrub_pii
 from data_pipelines.dedup import MinHasher, NearDupIndex, exact_key
 from data_pipelines.sources import SourceSection, expand, read_records
 from data_pipelines.tokenizer import EOS, char_level, fingerprint, train_bpe
@@ -33,6 +33,8 @@ class CleanSection(Section):
     normalize: bool = True
     scrub_pii: bool = True
     quality: QualityRules | None = QualityRules()  # null: no quality filtering
+    languages: list[str] | None = None  # keep only these (e.g. [en]); null: no language filter
+    min_language_prob: float = Field(0.65, ge=0, le=1)
 
 
 class DedupSection(Section):
@@ -108,6 +110,10 @@ def _clean(batch: pd.DataFrame, clean: dict, dedup: dict) -> pd.DataFrame:
             if cfg.scrub_pii:
                 text = scrub_pii(text)
             rule = quality_failure(text, cfg.quality) if cfg.quality else (None if text else "empty")
+            if rule is None and cfg.languages:
+                lang, prob = language_of(text)
+                if lang not in cfg.languages or prob < cfg.min_language_prob:
+                    rule = "language"
             if rule:
                 status, reason = "filtered", rule
             else:

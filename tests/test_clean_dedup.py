@@ -1,7 +1,7 @@
 """Cleaning rules and dedup primitives (pure functions, no Ray)."""
 import random
 
-from data_pipelines.clean import QualityRules, normalize, quality_failure, scrub_pii
+from data_pipelines.clean import QualityRules, language_of, normalize, quality_failure, scrub_pii
 from data_pipelines.dedup import MinHasher, NearDupIndex, exact_key, jaccard
 
 PROSE = ("The quality of mercy is not strained. It droppeth as the gentle rain from heaven upon the "
@@ -61,3 +61,9 @@ def test_signature_is_deterministic():
     a, b = MinHasher(seed=1), MinHasher(seed=1)
     assert (a.signature(PROSE) == b.signature(PROSE)).all()
     assert len(a.band_keys(a.signature(PROSE))) == 14
+
+
+def test_language_of():
+    lang, prob = language_of(PROSE)
+    assert lang == "en" and prob > 0.9
+    assert language_of("Der Hund läuft schnell über die Straße und bellt laut, weil er Hunger hat.")[0] == "de"

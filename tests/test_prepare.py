@@ -30,6 +30,9 @@ def corpus(tmp_path):
            b'{"text": "caf\xe9 latin-1 bytes"}', json.dumps({"text": "x " * 4000}).encode()]
     lines[10:10] = bad
     lines.append(json.dumps({"text": "too short"}).encode())  # filtered by min_words
+    lines.append(json.dumps({"text": "Der Hund läuft schnell über die Straße und bellt laut, weil er großen "
+                                     "Hunger hat und niemand ihm etwas zu essen gibt, obwohl es schon spät "
+                                     "am Abend ist und alle Nachbarn längst schlafen gegangen sind."}).encode())
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     paragraphs = _docs(10, rng)
@@ -41,7 +44,7 @@ def spec_for(corpus_dir, out, **over):
     data = {"kind": "data_prepare", "name": "ds",
             "sources": [{"path": f"{corpus_dir}/*.jsonl", "format": "jsonl", "max_record_bytes": 5000},
                         {"path": f"{corpus_dir}/b.txt", "format": "text", "split": "paragraph"}],
-            "clean": {"quality": {"min_words": 20}},
+            "clean": {"quality": {"min_words": 20}, "languages": ["en"]},
             "tokenizer": {"kind": "bpe", "vocab_size": 400},
             "pack": {"seq_len": 32, "val_fraction": 0.1, "rows_per_shard": 100},
             "output": {"root": str(out)}}
@@ -92,7 +95,7 @@ def test_prepare_counts_reconcile_and_shards_are_exact(ray_cluster, corpus, tmp_
     assert jsonl["read"] == len(lines)
     assert total["read"] == sum(total[s] for s in ("kept", "filtered", "exact_dup", "near_dup", "rejected"))
     assert jsonl["rejected"] == 5 and jsonl["exact_dup"] == 1 and jsonl["near_dup"] == 1
-    assert jsonl["filtered_by_rule"] == {"min_words": 1}
+    assert jsonl["filtered_by_rule"] == {"min_words": 1, "language": 1}
     assert set(r.split(":")[0].split(" (")[0] for r in jsonl["rejected_by_reason"]) == {
         "bad JSON", "missing field 'text'", "field 'text' is int, not a string", "undecodable bytes", "oversize record"}
     assert result["counts"]["per_source"][1]["kept"] == 10
