@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import pathlib
 
 import torch
 
@@ -83,10 +82,6 @@ class DeepSpeedStrategy:
         self.engine.step()  # DeepSpeed only steps the optimizer at accumulation boundaries
         return loss.detach()
 
-    def is_boundary(self) -> bool:
-        """True right after a micro step that completed an optimizer step."""
-        return self.engine.global_steps > 0 and self.engine.micro_steps % self.engine.gradient_accumulation_steps() == 0
-
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
@@ -104,6 +99,3 @@ class DeepSpeedStrategy:
             raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
         return client_state or {}
 
-    @staticmethod
-    def has_checkpoint(directory: str | os.PathLike) -> bool:
-        return (pathlib.Path(directory) / CHECKPOINT_TAG).is_dir()
