@@ -146,7 +146,7 @@ def run_peer(spec: DataPrepareSpec, files: list[str]) -> dict:
                 if quality_failure(text, rules):
                     status = "filtered"
                 else:
-                    key, bands = exact_key(text), [b.hex() for b in hasher.band_keys(hasher.signature(text))]
+                    key, bands = exact_key(text), [int(b) for b in hasher.band_keys(hasher.signature(text))]
             out["text"].append(text)
             out["status"].append(status)
             out["key"].append(key)

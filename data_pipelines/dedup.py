@@ -21,8 +21,9 @@ def canonical(text: str) -> str:
     return _WS.sub(" ", _PUNCT.sub(" ", text.lower())).strip()
 
 
-def exact_key(text: str) -> str:
-    return hashlib.blake2b(canonical(text).encode("utf-8"), digest_size=16).hexdigest()
+def exact_key(text: str) -> int:
+    """64-bit hash of the canonical text (collisions are negligible below ~10^9 documents)."""
+    return int.from_bytes(hashlib.blake2b(canonical(text).encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def shingles(text: str, ngram: int, unit: str = "word") -> set[str]:
@@ -34,7 +35,7 @@ def shingles(text: str, ngram: int, unit: str = "word") -> set[str]:
 
 
 class MinHasher:
-    """`bands x rows` permutations; `band_keys` gives one bucket key per band."""
+    """`bands x rows` permutations; `band_keys` gives one 64-bit bucket key per band."""
 
     def __init__(self, bands: int = 14, rows: int = 8, ngram: int = 5, unit: str = "word", seed: int = 42):
         self.bands, self.rows, self.ngram, self.unit = bands, rows, ngram, unit
@@ -52,9 +53,11 @@ class MinHasher:
         perm = (self.a[:, None] * hashes[None, :] + self.b[:, None]) % _MERSENNE & _MAX32
         return perm.min(axis=1).astype(np.uint32)
 
-    def band_keys(self, signature: np.ndarray) -> list[bytes]:
+    def band_keys(self, signature: np.ndarray) -> np.ndarray:
+        """[bands] uint64: a hash of each band's rows (compared only within the same band)."""
         sig = signature.reshape(self.bands, self.rows)
-        return [bytes([i]) + hashlib.blake2b(sig[i].tobytes(), digest_size=8).digest() for i in range(self.bands)]
+        return np.array([int.from_bytes(hashlib.blake2b(sig[i].tobytes(), digest_size=8).digest(), "little")
+                         for i in range(self.bands)], dtype=np.uint64)
 
 
 def jaccard(a: str, b: str, ngram: int = 5, unit: str = "word") -> float:
@@ -81,6 +84,20 @@ class UnionFind:
             self.parent[ry] = rx
 
 
+def bucket_edges(doc_ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """[n, 2] int64 (member, smallest id of its bucket) for every member that is not the smallest.
+
+    One band's (or the exact hash's) grouping as a sort, so it needs 16 bytes a document and no
+    Python object per document.
+    """
+    order = np.lexsort((doc_ids, keys))
+    keys, doc_ids = keys[order], doc_ids[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    head = doc_ids[np.maximum.accumulate(np.where(first, np.arange(len(keys)), 0))]
+    return np.stack([doc_ids[~first], head[~first]], axis=1).astype(np.int64)
+
+
 class NearDupIndex:
     """Streams (doc id, band keys); docs that share any band join one cluster.
 
@@ -94,8 +111,8 @@ class NearDupIndex:
 
     def add(self, doc, band_keys) -> None:
         self._clusters.find(doc)
-        for band in band_keys:
-            owner = self._owner.setdefault(band, doc)
+        for band, key in enumerate(band_keys):
+            owner = self._owner.setdefault((band, int(key)), doc)
             if owner != doc:
                 self._clusters.union(owner, doc)
 

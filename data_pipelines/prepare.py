@@ -13,14 +13,18 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pydantic
+import ray
+import ray.data
 from pydantic import Field
+from ray.data.datasource import FilenameProvider
 
 from cluster import storage
 from cluster.spec import JobSpec, Section, resolved_dict
 from cluster.storage import StorageConfig
 from data_pipelines.clean import QualityRules, language_of, normalize, quality_failure, scrub_pii
-from data_pipelines.dedup import MinHasher, NearDupIndex, exact_key
+from data_pipelines.dedup import MinHasher, UnionFind, bucket_edges, exact_key
 from data_pipelines.sources import SourceSection, expand, read_records
 from data_pipelines.tokenizer import EOS, char_level, fingerprint, train_bpe
 
@@ -64,7 +68,7 @@ class PackSection(Section):
     seq_len: int = Field(128, ge=2)
     val_fraction: float = Field(0.05, ge=0, lt=1)  # held out by document
     seed: int = 0
-    rows_per_shard: int = Field(8192, ge=1)
+    rows_per_shard: int = Field(8192, ge=1)  # at least this many blocks a shard file (the last may hold fewer)
 
 
 class PrepareOutput(Section):
@@ -86,6 +90,10 @@ class DataPrepareSpec(JobSpec):
 
 # -- per-row / per-batch functions (run in Ray Data tasks) -------------------------------------
 
+def _band_column(i: int) -> str:
+    return f"band_{i:03d}"
+
+
 def _read_file(row: dict, sources: list[dict], cfg: dict) -> list[dict]:
     source = SourceSection.model_validate(sources[row["source_index"]])
     data = storage.read_bytes(row["path"], StorageConfig.model_validate(cfg))
@@ -97,13 +105,16 @@ def _read_file(row: dict, sources: list[dict], cfg: dict) -> list[dict]:
 
 
 def _clean(batch: pd.DataFrame, clean: dict, dedup: dict) -> pd.DataFrame:
+    """Normalise, scrub, filter; then the exact hash and the MinHash band keys of each kept doc."""
+    num_bands = dedup["bands"] if dedup["near"] else 0
     if "doc_id" not in batch:  # an empty block carries no columns
-        return pd.DataFrame(columns=[*_RECORD_COLUMNS, "exact_key", "bands"])
+        return pd.DataFrame(columns=[*_RECORD_COLUMNS, "exact_key", *map(_band_column, range(num_bands))])
     cfg = CleanSection.model_validate(clean)
     hasher = MinHasher(**{k: dedup[k] for k in ("bands", "rows", "ngram", "unit", "seed")})
-    texts, statuses, reasons, keys, bands = [], [], [], [], []
-    for text, status, reason in zip(batch["text"], batch["status"], batch["reason"]):
-        key, band = "", []
+    texts, statuses, reasons = [], [], []
+    keys = np.zeros(len(batch), np.uint64)
+    band_keys = np.zeros((len(batch), num_bands), np.uint64)
+    for j, (text, status, reason) in enumerate(zip(batch["text"], batch["status"], batch["reason"])):
         if status == "kept":
             if cfg.normalize:
                 text = normalize(text)
@@ -117,51 +128,85 @@ def _clean(batch: pd.DataFrame, clean: dict, dedup: dict) -> pd.DataFrame:
             if rule:
                 status, reason = "filtered", rule
             else:
-                key = exact_key(text)
-                band = hasher.band_keys(hasher.signature(text)) if dedup["near"] else []
+                keys[j] = exact_key(text)
+                if num_bands:
+                    band_keys[j] = hasher.band_keys(hasher.signature(text))
         texts.append(text)
         statuses.append(status)
         reasons.append(reason)
-        keys.append(key)
-        bands.append(band)
-    return batch.assign(text=texts, status=statuses, reason=reasons, exact_key=keys, bands=bands)
+    out = batch.assign(text=texts, status=statuses, reason=reasons, exact_key=keys)
+    return out.assign(**{_band_column(i): band_keys[:, i] for i in range(num_bands)})
 
 
-def _mark(batch: pd.DataFrame, exact: set, near: set) -> pd.DataFrame:
+def _mark(batch: pd.DataFrame, exact: np.ndarray, near: np.ndarray) -> pd.DataFrame:
     status = batch["status"].copy()
     status[batch["doc_id"].isin(exact) & (status == "kept")] = "exact_dup"
     status[batch["doc_id"].isin(near) & (status == "kept")] = "near_dup"
     return batch.assign(status=status)
 
 
-def _pack(batch: pd.DataFrame, tokenizer_json: str, pack: dict) -> pd.DataFrame:
-    """Tokenise, EOS after each document, cut each split's stream into seq_len blocks."""
+def _is_val(doc_ids, fraction: float, seed: int) -> np.ndarray:
+    """Held-out split by document: a seeded hash of its id, stable whatever the batch boundaries."""
+    return np.array([(int(d) * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9) % (1 << 64) / float(1 << 64) < fraction
+                     for d in doc_ids], dtype=bool)
+
+
+def _pack(batch: pd.DataFrame, tokenizer_json: str, pack: dict, split: str, tally) -> pd.DataFrame:
+    """Tokenise this split's documents, EOS after each, cut the stream into seq_len blocks."""
     from tokenizers import Tokenizer
 
+    is_val = _is_val(batch["doc_id"], pack["val_fraction"], pack["seed"])
+    texts = list(batch["text"][is_val if split == "val" else ~is_val])
     tok = Tokenizer.from_str(tokenizer_json)
     eos = tok.token_to_id(EOS)
-    seq_len, frac, seed = pack["seq_len"], pack["val_fraction"], pack["seed"]
-    streams: dict[str, list[int]] = {"train": [], "val": []}
-    encodings = tok.encode_batch(list(batch["text"]), add_special_tokens=False)
-    for doc_id, enc in zip(batch["doc_id"], encodings):
-        # split by document with a seeded hash of its id: stable whatever the batch boundaries
-        u = (int(doc_id) * 0x9E3779B97F4A7C15 + seed * 0xBF58476D1CE4E5B9) % (1 << 64) / float(1 << 64)
-        streams["val" if u < frac else "train"].extend([*enc.ids, eos])
-    rows = []
-    for split, ids in streams.items():
-        n = len(ids) // seq_len
-        arr = np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-        rows += [{"split": split, "input_ids": a, "num_tokens": seq_len} for a in arr]
-        if len(ids) % seq_len:  # the tail that does not fill a block, counted in the manifest
-            rows.append({"split": f"{split}_tail", "input_ids": np.zeros(0, np.int32), "num_tokens": len(ids) % seq_len})
-    return pd.DataFrame(rows, columns=["split", "input_ids", "num_tokens"])
+    ids = [i for enc in tok.encode_batch(texts, add_special_tokens=False) for i in (*enc.ids, eos)]
+    seq_len = pack["seq_len"]
+    n = len(ids) // seq_len
+    if len(ids) % seq_len:  # the tail that does not fill a block: counted, not written
+        ray.get(tally.add.remote(f"{split}_tail", len(ids) % seq_len))
+    return pd.DataFrame({"input_ids": list(np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len))})
+
+
+@ray.remote(num_cpus=0)
+class _Tally:
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, n: int) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def get(self) -> dict:
+        return self.counts
+
+
+@ray.remote
+def _bucket_edges(paths: list[str], root: str, cfg: dict, column: str, exclude: np.ndarray) -> np.ndarray:
+    """One band (or the exact hash) grouped: (member, smallest id in its bucket) edges."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.resolve(root, StorageConfig.model_validate(cfg))
+    table = pq.read_table(paths, filesystem=fs, columns=["doc_id", column], filters=[("status", "==", "kept")])
+    doc_ids, keys = table["doc_id"].to_numpy(), table[column].to_numpy()
+    if len(exclude):
+        keep = ~np.isin(doc_ids, exclude)
+        doc_ids, keys = doc_ids[keep], keys[keep]
+    return bucket_edges(doc_ids, keys)
+
+
+class _Names(FilenameProvider):
+    """part-TASK.ext: stable names, so the same input gives the same files (local or S3)."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.{self.file_format}"
+
+
+_NAMES_PARQUET = _Names(file_format="parquet")  # with SaveMode.OVERWRITE: the names carry no uuid
 
 
 # -- driver -----------------------------------------------------------------------------------
 
 def prepare(spec: DataPrepareSpec, progress=print) -> dict:
-    import ray.data
-
+    """Run the corpus pipeline; stages hand over through parquet under OUT/_stage, never memory."""
     from cluster.connect import connect
 
     cfg = spec.output.storage
@@ -172,67 +217,81 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic output for a given seed
     t0 = time.perf_counter()
+    fs, out_path = storage.resolve(out, cfg)
+    for old in ("manifest.json", "train", "val", "rejects", "status", "_stage"):  # a previous run's
+        storage.delete(storage.join(out, old), cfg)
 
+    # 1. read + clean + signatures, in parallel, streamed to the stage
     items = [{"file_index": k, "source_index": si, "path": p} for k, (si, p) in enumerate(files)]
-    records = (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-               .flat_map(_read_file, fn_kwargs={"sources": [s.model_dump() for s in spec.sources],
-                                                "cfg": cfg.model_dump()})
-               .map_batches(_clean, batch_format="pandas", batch_size=256,
-                            fn_kwargs={"clean": spec.clean.model_dump(), "dedup": spec.dedup.model_dump()})
-               .materialize())
-    num_read = records.count()
+    (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+     .flat_map(_read_file, fn_kwargs={"sources": [s.model_dump() for s in spec.sources], "cfg": cfg.model_dump()})
+     .map_batches(_clean, batch_format="pandas", batch_size=256,
+                  fn_kwargs={"clean": spec.clean.model_dump(), "dedup": spec.dedup.model_dump()})
+     .write_parquet(f"{out_path}/_stage/records", filesystem=fs, filename_provider=_NAMES_PARQUET, mode=ray.data.SaveMode.OVERWRITE))
+    stage = [storage.resolve(storage.join(out, "_stage/records", f), cfg)[1]
+             for f in storage.list_files(storage.join(out, "_stage/records"), cfg)]
+    num_read = sum(pq.read_metadata(p, filesystem=fs).num_rows for p in stage)
     if num_read == 0:
         raise RuntimeError("the sources hold no records")
     progress(f"[data] read {num_read} records from {len(files)} files")
 
-    exact, near = _duplicates(records, spec.dedup)
-    records = records.map_batches(_mark, batch_format="pandas",
-                                  fn_kwargs={"exact": exact, "near": near}).materialize()
-    counts = _counts(records, spec)
-    progress(f"[data] kept {counts['total']['kept']}, filtered {counts['total']['filtered']}, "
-             f"duplicates {counts['total']['exact_dup']} exact + {counts['total']['near_dup']} near, "
-             f"rejected {counts['total']['rejected']}")
-    if counts["total"]["kept"] == 0:
-        raise RuntimeError(f"no record survived ({counts['total']}): every record was rejected, "
+    def records(columns: list[str]):
+        return ray.data.read_parquet(stage, filesystem=fs, columns=columns)
+
+    # 2. duplicates: exact, then one grouping task per band; clusters resolved on the edges
+    exact, near = _duplicates(stage, out, spec.dedup, cfg)
+    marks = {"exact": exact, "near": near}
+    counts = _counts(records(["doc_id", "source_index", "status", "reason"])
+                     .map_batches(_mark, batch_format="pandas", fn_kwargs=marks), spec)
+    total = counts["total"]
+    progress(f"[data] kept {total['kept']}, filtered {total['filtered']}, duplicates {total['exact_dup']} exact "
+             f"+ {total['near_dup']} near, rejected {total['rejected']}")
+    if total["kept"] == 0:
+        raise RuntimeError(f"no record survived ({total}): every record was rejected, "
                            "filtered or a duplicate; see the rejects and the clean.quality rules")
 
-    fs, out_path = storage.resolve(out, cfg)
-    rejects = records.filter(lambda r: r["status"] == "rejected")
-    if rejects.count():
-        rejects.select_columns(["path", "offset", "reason", "raw"]).write_json(
-            f"{out_path}/rejects", filesystem=fs)
-
+    # 3. side outputs: rejects (always, when any), every record's status (on request)
+    if total["rejected"]:
+        (records(["path", "offset", "reason", "raw", "status"]).filter(lambda r: r["status"] == "rejected")
+         .select_columns(["path", "offset", "reason", "raw"])
+         .write_json(f"{out_path}/rejects", filesystem=fs, filename_provider=_Names(file_format="json")))
     if spec.output.write_status:
-        records.select_columns(["doc_id", "path", "offset", "status", "reason"]).write_parquet(
-            f"{out_path}/status", filesystem=fs)
+        (records(["doc_id", "path", "offset", "status", "reason"]).map_batches(_mark, batch_format="pandas", fn_kwargs=marks)
+         .write_parquet(f"{out_path}/status", filesystem=fs, filename_provider=_NAMES_PARQUET, mode=ray.data.SaveMode.OVERWRITE))
 
-    final = records.filter(lambda r: r["status"] == "kept").select_columns(["doc_id", "text"])
+    # 4. tokenizer, then tokenise + pack each split straight into its shards
+    final = (records(["doc_id", "text", "status"]).map_batches(_mark, batch_format="pandas", fn_kwargs=marks)
+             .filter(lambda r: r["status"] == "kept").select_columns(["doc_id", "text"]))
     tokenizer = _tokenizer(final, spec, cfg)
     tok_json = tokenizer.to_str()
     storage.write_text(storage.join(out, "tokenizer.json"), tok_json, cfg)
-
-    packed = final.map_batches(_pack, batch_format="pandas", batch_size=512,
-                               fn_kwargs={"tokenizer_json": tok_json, "pack": spec.pack.model_dump()}).materialize()
-    tokens: dict[str, int] = {}
-    for b in packed.select_columns(["split", "num_tokens"]).iter_batches(batch_size=65536, batch_format="pandas"):
-        for split, n in b.groupby("split")["num_tokens"].sum().items():
-            tokens[split] = tokens.get(split, 0) + int(n)
-    shards = {}
+    tally = _Tally.remote()
+    shards, sequences = {}, {}
     for split in ("train", "val"):
-        blocks = packed.filter(lambda r, s=split: r["split"] == s).select_columns(["input_ids"])
-        if blocks.count():
-            blocks.repartition(max(1, -(-blocks.count() // spec.pack.rows_per_shard))).write_parquet(
-                f"{out_path}/{split}", filesystem=fs)
+        if split == "val" and spec.pack.val_fraction == 0:
+            shards[split], sequences[split] = [], 0
+            continue
+        (final.map_batches(_pack, batch_format="pandas", batch_size=512,
+                           fn_kwargs={"tokenizer_json": tok_json, "pack": spec.pack.model_dump(),
+                                      "split": split, "tally": tally})
+         .write_parquet(f"{out_path}/{split}", filesystem=fs, min_rows_per_file=spec.pack.rows_per_shard,
+                        filename_provider=_NAMES_PARQUET, mode=ray.data.SaveMode.OVERWRITE))
         shards[split] = [f"{split}/{f}" for f in storage.list_files(storage.join(out, split), cfg)]
+        sequences[split] = sum(pq.read_metadata(storage.resolve(storage.join(out, s), cfg)[1], filesystem=fs).num_rows
+                               for s in shards[split])
+    tails = ray.get(tally.get.remote())
+    ray.kill(tally)
+    storage.delete(storage.join(out, "_stage"), cfg)
 
+    seq_len = spec.pack.seq_len
     manifest = {
         "version": MANIFEST_VERSION,
         "tokenizer": {"path": "tokenizer.json", "hash": fingerprint(tok_json), "kind": spec.tokenizer.kind,
                       "vocab_size": tokenizer.get_vocab_size(), "eos_id": tokenizer.token_to_id(EOS)},
-        "seq_len": spec.pack.seq_len,
-        "sequences": {s: tokens.get(s, 0) // spec.pack.seq_len for s in ("train", "val")},
-        "tokens": {"train": tokens.get("train", 0), "val": tokens.get("val", 0),
-                   "dropped_tails": tokens.get("train_tail", 0) + tokens.get("val_tail", 0)},
+        "seq_len": seq_len,
+        "sequences": sequences,
+        "tokens": {"train": sequences["train"] * seq_len, "val": sequences["val"] * seq_len,
+                   "dropped_tails": sum(tails.values())},
         "shards": shards,
         "sources": [{"path": s.path, "format": s.format, "files": sum(1 for si, _ in files if si == i)}
                     for i, s in enumerate(spec.sources)],
@@ -245,39 +304,33 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
     return {"manifest": manifest_uri, "dir": out, **manifest}
 
 
-def _duplicates(records, dedup: DedupSection) -> tuple[set, set]:
+def _duplicates(stage: list[str], out: str, dedup: DedupSection, cfg: StorageConfig) -> tuple[np.ndarray, np.ndarray]:
     """Doc ids to drop as exact and as near duplicates; the smallest id of each cluster stays.
 
-    Signatures and band keys were computed in parallel by `_clean`; here only (key, id) pairs
-    stream to the driver, which groups them.  That is ~150 bytes per document: fine to tens of
-    millions of documents, beyond which the grouping should move into a distributed shuffle.
+    Each band is grouped by its own Ray task (a sort over 16 bytes a document, read from the
+    stage), so no process holds more than one band.  Only the edges (one per duplicate
+    candidate) come to the driver, where union-find resolves clusters.  Exact duplicates are
+    dropped first and take no part in near-duplicate clusters.
     """
-    first_by_key: dict[str, int] = {}
-    exact: set = set()
-    index = NearDupIndex()
-    for batch in records.select_columns(["doc_id", "status", "exact_key", "bands"]).iter_batches(
-            batch_size=4096, batch_format="pandas"):
-        for doc_id, status, key, bands in zip(batch["doc_id"], batch["status"], batch["exact_key"], batch["bands"]):
-            if status != "kept":
-                continue
-            doc_id = int(doc_id)
-            if dedup.exact:
-                if key in first_by_key:
-                    exact.add(max(doc_id, first_by_key[key]))
-                    first_by_key[key] = min(doc_id, first_by_key[key])
-                    continue
-                first_by_key[key] = doc_id
-            if dedup.near:
-                index.add(doc_id, (bytes(b) for b in bands))
-    # an exact duplicate that arrived first and lost its place to a smaller id may sit in a
-    # near-dup cluster too: it counts once, as exact
-    return exact, index.duplicates() - exact
+    exact = np.zeros(0, np.int64)
+    args = (stage, out, cfg.model_dump())
+    if dedup.exact:
+        exact = np.sort(ray.get(_bucket_edges.remote(*args, "exact_key", exact))[:, 0])
+    near = np.zeros(0, np.int64)
+    if dedup.near:
+        exact_ref = ray.put(exact)
+        edges = ray.get([_bucket_edges.remote(*args, _band_column(i), exact_ref) for i in range(dedup.bands)])
+        clusters = UnionFind()
+        for member, head in np.concatenate(edges).tolist():
+            clusters.union(member, head)
+        near = np.array(sorted(x for x in clusters.parent if clusters.find(x) != x), dtype=np.int64)
+    return exact, near
 
 
-def _counts(records, spec: DataPrepareSpec) -> dict:
+def _counts(marked, spec: DataPrepareSpec) -> dict:
     """Per source and in total: read, each status, and reasons (rules / reject causes)."""
     # a streamed tally: the table is small, and a hash-shuffle groupby costs seconds per run
-    tally = pd.concat([b.value_counts().rename("count()").reset_index() for b in records.select_columns(
+    tally = pd.concat([b.value_counts().rename("count()").reset_index() for b in marked.select_columns(
         ["source_index", "status", "reason"]).iter_batches(batch_size=65536, batch_format="pandas")])
     table = tally.groupby(["source_index", "status", "reason"], as_index=False)["count()"].sum()
     per_source = []
@@ -309,8 +362,6 @@ def _tokenizer(final, spec: DataPrepareSpec, cfg):
 
 def load_packed(manifest_uri: str, split: str = "train", cfg: StorageConfig | None = None):
     """The packed shards of one split as a Ray Dataset (column `input_ids`)."""
-    import ray.data
-
     manifest = json.loads(storage.read_text(manifest_uri, cfg))
     base = manifest_uri.rsplit("/", 1)[0]
     fs, _ = storage.resolve(base, cfg)

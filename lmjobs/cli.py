@@ -56,11 +56,32 @@ def cmd_data(args) -> int:
         print(f"  manifest  : {out['manifest']}")
         print(f"  rejects   : {out['dir']}/rejects/" if out["counts"]["total"]["rejected"] else "  rejects   : none")
         return 0
+    if args.action == "ingest":
+        spec = _load(args, "data_ingest")
+        from data_pipelines.labelled import ingest
+
+        out = ingest(spec)
+        print_labelled_stats(out)
+        print(f"  dataset   : {out['dir']}")
+        print(f"  manifest  : {out['manifest']}")
+        print(f"  rejects   : {out['dir']}/rejects.jsonl ({out['rejected']})")
+        return 0
     from cluster import storage
 
     path = args.path if args.path.endswith(".json") else storage.join(args.path, "manifest.json")
-    print_stats(json.loads(storage.read_text(path)))
+    manifest = json.loads(storage.read_text(path))
+    (print_labelled_stats if "task" in manifest else print_stats)(manifest)
     return 0
+
+
+def print_labelled_stats(m: dict) -> None:
+    print(f"task {m['task']}: {m['read']} rows read, {m['rejected']} rejected")
+    for i in m["inputs"]:
+        print(f"  {i['split']:<8}{i['read']:>8} read {i['kept']:>8} kept {i['rejected']:>6} rejected  {i['path']}")
+    for split, s in m["splits"].items():
+        counts = s.get("label_counts")
+        shown = ", ".join(f"{k}: {v}" for k, v in list(counts.items())[:12]) if counts else ""
+        print(f"  {split}: {s['rows']} rows -> {s['file']}" + (f"  [{shown}]" if shown else ""))
 
 
 def print_stats(m: dict) -> None:
@@ -129,12 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("data", help="corpus -> packed shards; dataset statistics")
+    p = sub.add_parser("data", help="corpus -> packed shards; labelled data -> canonical parquet; statistics")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     prep = dsub.add_parser("prepare", help="clean, dedup, tokenise and pack a corpus (kind: data_prepare)")
     _add_spec_args(prep)
     prep.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else embedded)")
-    stats = dsub.add_parser("stats", help="print a prepared dataset's manifest as a table")
+    ing = dsub.add_parser("ingest", help="labelled files -> canonical parquet per split (kind: data_ingest)")
+    _add_spec_args(ing)
+    stats = dsub.add_parser("stats", help="print a prepared or ingested dataset's manifest as a table")
     stats.add_argument("path", help="dataset directory or manifest.json (local or s3://)")
     p.set_defaults(func=cmd_data)
 
@@ -160,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_SPEC
-    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+    except (RuntimeError, FileNotFoundError, ValueError) as exc:  # IngestError is a ValueError
         print(f"lmjobs: error: {exc}", file=sys.stderr)
         return 1
 

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from cluster.spec import JobSpec, Section
 from cluster.storage import StorageConfig
+from data_pipelines.labelled import DataIngestSpec
 from data_pipelines.prepare import DataPrepareSpec
 
 
@@ -113,4 +114,5 @@ class PretrainSpec(JobSpec):
         return self.train.micro_batch_size * self.deepspeed.grad_accum * self.scaling.num_workers
 
 
-KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec, "data_prepare": DataPrepareSpec}
+KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec, "data_prepare": DataPrepareSpec,
+                                   "data_ingest": DataIngestSpec}

@@ -86,6 +86,15 @@ def test_missing_source_is_an_error(tmp_path):
         expand(SourceSection(path=str(tmp_path / "nothing*.jsonl")))
 
 
+def _shard_hashes(result, cfg=None):
+    """{shard path: sha256} of a prepared dataset, the tokenizer and the rejects included."""
+    import hashlib
+
+    names = [*result["shards"]["train"], *result["shards"]["val"], "tokenizer.json",
+             *(f"rejects/{f}" for f in storage.list_files(storage.join(result["dir"], "rejects"), cfg))]
+    return {n: hashlib.sha256(storage.read_bytes(storage.join(result["dir"], n), cfg)).hexdigest() for n in names}
+
+
 @pytest.mark.ray
 def test_prepare_counts_reconcile_and_shards_are_exact(ray_cluster, corpus, tmp_path):
     corpus_dir, lines = corpus
@@ -124,6 +133,7 @@ def test_prepare_counts_reconcile_and_shards_are_exact(ray_cluster, corpus, tmp_
 
     again = prepare(spec_for(corpus_dir, tmp_path / "out2"), progress=lambda *_: None)
     assert again["counts"] == result["counts"] and again["tokens"] == result["tokens"]
+    assert _shard_hashes(again) == _shard_hashes(result)
     train2 = load_packed(again["manifest"], "train").take_all()
     assert [list(r["input_ids"]) for r in train2] == [list(r["input_ids"]) for r in train]
 

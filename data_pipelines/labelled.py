@@ -1,0 +1,337 @@
+"""`lmjobs data ingest`: labelled files -> one canonical parquet per split, rejects, manifest.
+
+Canonical schemas (ARCHITECTURE.md): classification {text, label}; pair_classification
+{text_a, text_b, label}; tokens {tokens, tags}; qa {id, question, context, answers: {text,
+answer_start}}; sft {prompt, response} or {messages}; preference {prompt, chosen, rejected}.
+
+Labelled sets are megabytes, not terabytes, so ingest runs in the driver process: every row is
+read, mapped onto the task's fields, checked, and either written or rejected with the file,
+the row and the field in the reason.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from typing import Iterator, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydantic
+from pydantic import Field
+
+from cluster import storage
+from cluster.spec import JobSpec, Section, resolved_dict
+from cluster.storage import StorageConfig
+
+TASK_FIELDS = {
+    "classification": ("text", "label"),
+    "pair_classification": ("text_a", "text_b", "label"),
+    "tokens": ("tokens", "tags"),
+    "qa": ("id", "question", "context", "answers"),
+    "sft": ("prompt", "response"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
+ROLES = ("system", "user", "assistant")
+
+
+class IngestError(ValueError):
+    """Bad labelled input with on_error=fail: the message names file, row and field."""
+
+
+class InputSection(Section):
+    path: str  # a file, local or s3://
+    format: Literal["csv", "tsv", "json", "jsonl", "tfrecord", "conll", "squad"]
+    split: str = "train"  # inputs with the same split are concatenated (e.g. manual labels merged in)
+    # canonical field -> source field; a list joins the non-empty source fields with a blank line
+    # (e.g. sft prompt: [instruction, input]).  Unmapped fields keep their canonical name.
+    columns: dict[str, str | list[str]] = {}
+    token_column: int = 0  # conll: column of the word
+    tag_column: int = -1  # conll: column of the tag (last by default)
+
+
+class LabelledOutput(Section):
+    root: str = "data"  # written to ROOT/NAME/{split}.parquet, rejects.jsonl, manifest.json
+    storage: StorageConfig = StorageConfig()
+
+
+class DataIngestSpec(JobSpec):
+    kind: Literal["data_ingest"] = "data_ingest"
+    task: Literal["classification", "pair_classification", "tokens", "qa", "sft", "preference"]
+    inputs: list[InputSection] = Field(min_length=1)
+    labels: list[str] | None = None  # the label (or tag) set; null: every value seen is a label
+    on_error: Literal["reject", "fail"] = "reject"
+    # preference without a prompt field: the prompt is the shared prefix of chosen and rejected
+    # up to and including the last occurrence of this marker (Anthropic HH style)
+    prompt_delimiter: str = "\n\nAssistant:"
+    output: LabelledOutput = LabelledOutput()
+
+    @pydantic.model_validator(mode="after")
+    def _known_columns(self):
+        allowed = set(TASK_FIELDS[self.task]) | ({"messages"} if self.task == "sft" else set())
+        for i, inp in enumerate(self.inputs):
+            for key in inp.columns:
+                if key not in allowed:
+                    raise ValueError(f"inputs.{i}.columns.{key}: not a field of task '{self.task}' "
+                                     f"(fields: {', '.join(sorted(allowed))})")
+        return self
+
+
+# -- readers: (row locator, raw dict) per record ----------------------------------------------
+
+def _rows(data: bytes, inp: InputSection) -> Iterator[tuple[str, dict | None, str]]:
+    """(where, record, problem): where is 'line N' / 'record N' / 'question ID'."""
+    if inp.format in ("csv", "tsv"):
+        text = data.decode("utf-8-sig")
+        kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if inp.format == "tsv" else {}
+        reader = csv.reader(io.StringIO(text, newline=""), **kwargs)
+        header = next(reader, None)
+        if header is None:
+            return
+        for row in reader:
+            where = f"line {reader.line_num}"
+            if len(row) != len(header):
+                yield where, None, f"{len(row)} columns, header has {len(header)}"
+            else:
+                yield where, dict(zip(header, row)), ""
+    elif inp.format == "jsonl":
+        for n, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                yield f"line {n}", None, f"bad JSON: {exc}"
+                continue
+            yield (f"line {n}", obj, "") if isinstance(obj, dict) else (f"line {n}", None, "not a JSON object")
+    elif inp.format == "json":
+        obj = json.loads(data)
+        records = obj.get("data") if isinstance(obj, dict) else obj
+        if not isinstance(records, list):
+            raise IngestError(f"{inp.path}: expected a JSON list of records (or {{\"data\": [...]}})")
+        for n, rec in enumerate(records, 1):
+            yield (f"record {n}", rec, "") if isinstance(rec, dict) else (f"record {n}", None, "not a JSON object")
+    elif inp.format == "squad":
+        yield from _squad_rows(json.loads(data))
+    elif inp.format == "conll":
+        yield from _conll_rows(data.decode("utf-8"), inp)
+    else:
+        yield from _tfrecord_rows(data)
+
+
+def _squad_rows(obj: dict) -> Iterator[tuple[str, dict | None, str]]:
+    for a, article in enumerate(obj.get("data", [])):
+        for p, para in enumerate(article.get("paragraphs", [])):
+            for q, qa in enumerate(para.get("qas", [])):
+                where = f"question {qa.get('id', f'{a}.{p}.{q}')} (article {a}, paragraph {p})"
+                answers = qa.get("answers", [])
+                yield where, {"id": str(qa.get("id", f"{a}.{p}.{q}")), "question": qa.get("question"),
+                              "context": para.get("context"), "title": article.get("title", ""),
+                              "answers": {"text": [x.get("text") for x in answers],
+                                          "answer_start": [x.get("answer_start") for x in answers]}}, ""
+
+
+def _conll_rows(text: str, inp: InputSection) -> Iterator[tuple[str, dict | None, str]]:
+    tokens, tags, start = [], [], 0
+    for n, line in enumerate([*text.splitlines(), ""], 1):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if tokens:
+                yield f"line {start}", {"tokens": tokens, "tags": tags}, ""
+            tokens, tags = [], []
+            continue
+        if not tokens:
+            start = n
+        try:
+            tokens.append(parts[inp.token_column])
+            tags.append(parts[inp.tag_column])
+        except IndexError:
+            yield f"line {n}", None, f"{len(parts)} columns, need token column {inp.token_column} and tag column {inp.tag_column}"
+            tokens, tags = [], []
+
+
+def _tfrecord_rows(data: bytes) -> Iterator[tuple[str, dict | None, str]]:
+    from data_pipelines.tfrecord import TFRecordError, iter_records, parse_example
+
+    for n, (offset, payload, reason) in enumerate(iter_records(data), 1):
+        where = f"record {n} (byte {offset})"
+        if payload is None:
+            yield where, None, reason
+            continue
+        try:
+            features = parse_example(payload)
+            row = {}
+            for name, (kind, values) in features.items():
+                if kind == "bytes_list":
+                    values = [v.decode("utf-8") for v in values]
+                row[name] = values[0] if len(values) == 1 else values
+        except (TFRecordError, UnicodeDecodeError) as exc:
+            yield where, None, f"bad tf.train.Example: {exc}"
+            continue
+        yield where, row, ""
+
+
+# -- mapping onto the task's fields, and checks -----------------------------------------------
+
+def _mapped(raw: dict, inp: InputSection, task: str) -> dict:
+    fields = TASK_FIELDS[task]
+    if task == "sft" and ("messages" in inp.columns or ("messages" in raw and "prompt" not in inp.columns)):
+        fields = ("messages",)
+    out = {}
+    for field in fields:
+        source = inp.columns.get(field, field)
+        if isinstance(source, list):
+            missing = [s for s in source if s not in raw]
+            if missing:
+                raise _Bad(field, f"missing source field(s) {missing}")
+            out[field] = "\n\n".join(str(raw[s]).strip() for s in source if str(raw[s] or "").strip())
+        elif source in raw:
+            out[field] = raw[source]
+        elif not (task == "preference" and field == "prompt") and not (task == "qa" and field == "id"):
+            raise _Bad(field, f"missing (source field '{source}'; has: {', '.join(sorted(raw))})")
+    return out
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field '{field}': {problem}")
+
+
+def _text(row: dict, field: str) -> str:
+    value = row.get(field)
+    if not isinstance(value, str):
+        raise _Bad(field, f"{type(value).__name__}, not text")
+    if not value.strip():
+        raise _Bad(field, "empty text")
+    return value
+
+
+def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str) -> dict:
+    """The canonical row, or _Bad naming the field."""
+    if task in ("classification", "pair_classification"):
+        out = {f: _text(row, f) for f in TASK_FIELDS[task][:-1]}
+        label = row.get("label")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise _Bad("label", "empty label")
+        label = str(label).strip()
+        if labels is not None and label not in labels:
+            raise _Bad("label", f"'{label}' is not in the label set {sorted(labels)}")
+        return {**out, "label": label}
+    if task == "tokens":
+        tokens, tags = row.get("tokens"), row.get("tags")
+        for field, value in (("tokens", tokens), ("tags", tags)):
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise _Bad(field, "need a non-empty list of non-empty strings")
+        if len(tokens) != len(tags):
+            raise _Bad("tags", f"{len(tags)} tags for {len(tokens)} tokens")
+        unknown = sorted({t for t in tags if labels is not None and t not in labels})
+        if unknown:
+            raise _Bad("tags", f"{unknown} not in the tag set {sorted(labels)}")
+        return {"tokens": tokens, "tags": tags}
+    if task == "qa":
+        question, context = _text(row, "question"), _text(row, "context")
+        answers = row.get("answers") or {}
+        texts, starts = answers.get("text") or [], answers.get("answer_start") or []
+        if not texts or len(texts) != len(starts):
+            raise _Bad("answers", f"need answer texts and starts of equal, non-zero length ({len(texts)} vs {len(starts)})")
+        for text, start in zip(texts, starts):
+            if not isinstance(text, str) or not isinstance(start, int) or context[start:start + len(text)] != text:
+                raise _Bad("answers", f"answer {text!r} is not inside its context at answer_start {start}")
+        return {"id": str(row.get("id") or where), "question": question, "context": context,
+                "answers": {"text": list(texts), "answer_start": [int(s) for s in starts]}}
+    if task == "sft":
+        if "messages" in row:
+            messages = row["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise _Bad("messages", "need a non-empty list of {role, content}")
+            for k, m in enumerate(messages):
+                if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                    raise _Bad("messages", f"message {k} needs role in {list(ROLES)} and text content")
+            if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+                raise _Bad("messages", "no assistant message to learn from")
+            return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+        return {"prompt": _text(row, "prompt"), "response": _text(row, "response")}
+    # preference
+    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    if "prompt" in row:
+        prompt = _text(row, "prompt")
+    else:
+        common = 0
+        while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+            common += 1
+        cut = chosen.rfind(delimiter, 0, common)  # the marker lies wholly in the shared prefix
+        if cut < 0:
+            raise _Bad("prompt", f"no shared prefix ending in {delimiter!r}; map a prompt field")
+        cut += len(delimiter)
+        prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    if chosen.strip() == rejected.strip():
+        raise _Bad("rejected", "identical to chosen")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+def ingest(spec: DataIngestSpec, progress=print) -> dict:
+    cfg = spec.output.storage
+    out = storage.join(spec.output.root if storage.is_remote(spec.output.root)
+                       else storage.resolve(spec.output.root)[1], spec.name)
+    t0 = time.perf_counter()
+    labels = set(spec.labels) if spec.labels is not None else None
+    rows: dict[str, list[dict]] = {}
+    rejects: list[dict] = []
+    per_input = []
+    for inp in spec.inputs:
+        if not storage.exists(inp.path, cfg):
+            raise FileNotFoundError(f"input {inp.path}: no such file")
+        data = storage.read_bytes(inp.path, cfg)
+        read = kept = 0
+        try:
+            records = list(_rows(data, inp))
+        except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+            raise IngestError(f"{inp.path}: unreadable {inp.format}: {exc}") from exc
+        for where, raw, problem in records:
+            read += 1
+            if not problem:
+                try:
+                    row = _check(_mapped(raw, inp, spec.task), spec.task, labels, spec.prompt_delimiter, where)
+                    rows.setdefault(inp.split, []).append(row)
+                    kept += 1
+                    continue
+                except _Bad as bad:
+                    problem = str(bad)
+            if spec.on_error == "fail":
+                raise IngestError(f"{inp.path}: {where}: {problem}")
+            rejects.append({"path": inp.path, "row": where, "reason": problem,
+                            "raw": json.dumps(raw, ensure_ascii=False)[:256] if raw else ""})
+        per_input.append({"path": inp.path, "split": inp.split, "read": read, "kept": kept, "rejected": read - kept})
+        progress(f"[ingest] {inp.path}: {read} rows, {kept} kept, {read - kept} rejected")
+    if not rows:
+        raise IngestError(f"no valid rows in {len(spec.inputs)} input(s); first problems: "
+                          + "; ".join(f"{r['path']} {r['row']}: {r['reason']}" for r in rejects[:3]))
+
+    splits = {}
+    for split, split_rows in rows.items():
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(split_rows), buf)
+        storage.write_bytes(storage.join(out, f"{split}.parquet"), buf.getvalue(), cfg)
+        splits[split] = {"file": f"{split}.parquet", "rows": len(split_rows)}
+        if spec.task in ("classification", "pair_classification", "tokens"):
+            key = "tags" if spec.task == "tokens" else "label"
+            counts: dict[str, int] = {}
+            for r in split_rows:
+                for v in (r[key] if spec.task == "tokens" else [r[key]]):
+                    counts[v] = counts.get(v, 0) + 1
+            splits[split]["label_counts"] = dict(sorted(counts.items()))
+    storage.write_text(storage.join(out, "rejects.jsonl"),
+                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects), cfg)
+    label_set = sorted(labels) if labels is not None else sorted(
+        {v for s in splits.values() for v in s.get("label_counts", {})})
+    manifest = {"task": spec.task, "splits": splits, "inputs": per_input,
+                "labels": label_set if spec.task in ("classification", "pair_classification", "tokens") else None,
+                "rejected": len(rejects), "read": sum(i["read"] for i in per_input),
+                "config": resolved_dict(spec), "seconds": round(time.perf_counter() - t0, 2)}
+    assert manifest["read"] == sum(s["rows"] for s in splits.values()) + len(rejects)
+    manifest_uri = storage.join(out, "manifest.json")
+    storage.write_text(manifest_uri, json.dumps(manifest, indent=2), cfg)
+    return {"manifest": manifest_uri, "dir": out, **manifest}

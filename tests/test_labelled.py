@@ -1,0 +1,134 @@
+"""Labelled-data ingest: the real files in ../shared/data, canonical schemas, and bad rows."""
+import json
+import pathlib
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.spec import SpecError, load_spec
+from data_pipelines.labelled import DataIngestSpec, IngestError, ingest
+from data_pipelines.tfrecord import encode_example, frame
+from lmjobs.config import KINDS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RECIPES = ROOT / "lmjobs" / "recipes"
+
+
+def _run(recipe: str, out, **over):
+    spec = load_spec(RECIPES / recipe, KINDS, [f"output.root={out}"], expect_kind="data_ingest")
+    if over:
+        spec = DataIngestSpec.model_validate({**spec.model_dump(), **over})
+    return ingest(spec, progress=lambda *_: None)
+
+
+def _rows(result, split):
+    return pq.read_table(f"{result['dir']}/{split}.parquet").to_pylist()
+
+
+@pytest.fixture(autouse=True)
+def _cwd(monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name ../shared/data relative to the checkout
+
+
+def test_sst2_and_rte_real_counts(tmp_path):
+    sst2 = _run("ingest-sst2.yaml", tmp_path)
+    assert sst2["splits"]["train"]["label_counts"] == {"0": 29780, "1": 37569}  # GLUE SST-2, PROVENANCE.md
+    assert sst2["splits"]["dev"]["label_counts"] == {"0": 428, "1": 444}
+    assert sst2["rejected"] == 0 and sst2["labels"] == ["0", "1"]
+    dev = _rows(sst2, "dev")
+    assert set(dev[0]) == {"text", "label"} and dev[0]["text"].startswith("it 's a charming")
+    rte = _run("ingest-rte.yaml", tmp_path)
+    assert rte["splits"]["train"]["rows"] == 2490 and set(_rows(rte, "dev")[0]) == {"text_a", "text_b", "label"}
+
+
+def test_conll_qa_sft_preference_real(tmp_path):
+    conll = _run("ingest-conll2003.yaml", tmp_path)
+    assert {s: v["rows"] for s, v in conll["splits"].items()} == {"train": 14041, "dev": 3250, "test": 3453}
+    first = _rows(conll, "dev")[0]
+    assert first["tokens"][:2] == ["CRICKET", "-"] and first["tags"][:2] == ["O", "O"]
+
+    qa = _run("ingest-xquad.yaml", tmp_path)
+    assert qa["splits"]["all"]["rows"] == 1190 and qa["rejected"] == 0
+    for row in _rows(qa, "all")[:50]:
+        for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"]):
+            assert row["context"][start:start + len(text)] == text
+
+    sft = _run("ingest-alpaca.yaml", tmp_path)
+    assert sft["read"] == 1727 and sft["splits"]["train"]["rows"] + sft["rejected"] == 1727
+    rejects = [json.loads(x) for x in pathlib.Path(sft["dir"], "rejects.jsonl").read_text().splitlines()]
+    assert all(r["reason"] == "field 'response': empty text" for r in rejects)
+    assert rejects[0]["row"] == "record 285"  # its output is "" in the file
+    with_input = [r for r in _rows(sft, "train") if "\n\n" in r["prompt"]]
+    assert len(with_input) > 700  # instruction and a non-empty input, joined
+
+    hh = _run("ingest-hh.yaml", tmp_path)
+    pairs = _rows(hh, "train")
+    assert len(pairs) > 4600 and all(p["prompt"].endswith("\n\nAssistant:") for p in pairs[:100])
+    assert all(p["chosen"] != p["rejected"] for p in pairs[:100])
+
+
+def _spec(tmp_path, task, inputs, **over):
+    return DataIngestSpec.model_validate({"kind": "data_ingest", "name": "t", "task": task, "inputs": inputs,
+                                          "output": {"root": str(tmp_path / "out")}, **over})
+
+
+def test_bad_rows_are_rejected_naming_file_row_and_field(tmp_path):
+    f = tmp_path / "cls.csv"
+    f.write_text('text,label\ngood one,pos\n"",neg\nthird,maybe\nonly one column\nlast,neg\n')
+    manual = tmp_path / "manual.jsonl"
+    manual.write_text('{"text": "hand labelled", "label": "pos"}\n{"text": 3, "label": "pos"}\nnot json\n')
+    out = ingest(_spec(tmp_path, "classification", [
+        {"path": str(f), "format": "csv"}, {"path": str(manual), "format": "jsonl"}], labels=["pos", "neg"]),
+        progress=lambda *_: None)
+    assert out["splits"]["train"]["rows"] == 3  # good one, last, hand labelled: merged into one split
+    assert out["read"] == 8 and out["rejected"] == 5
+    rejects = [json.loads(x) for x in (tmp_path / "out/t/rejects.jsonl").read_text().splitlines()]
+    got = {(pathlib.Path(r["path"]).name, r["row"], r["reason"].split(":")[0]) for r in rejects}
+    assert got == {("cls.csv", "line 3", "field 'text'"), ("cls.csv", "line 4", "field 'label'"),
+                   ("cls.csv", "line 5", "1 columns, header has 2"), ("manual.jsonl", "line 2", "field 'text'"),
+                   ("manual.jsonl", "line 3", "bad JSON")}
+    assert any("'maybe' is not in the label set" in r["reason"] for r in rejects)
+
+    with pytest.raises(IngestError, match=r"cls\.csv: line 3: field 'text': empty text"):
+        ingest(_spec(tmp_path, "classification", [{"path": str(f), "format": "csv"}], on_error="fail"),
+               progress=lambda *_: None)
+
+
+def test_qa_answer_outside_context_and_tags(tmp_path):
+    squad = {"data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
+        {"id": "q1", "question": "Who sat?", "answers": [{"text": "cat", "answer_start": 4}]},
+        {"id": "q2", "question": "Where?", "answers": [{"text": "the rug", "answer_start": 15}]}]}]}]}
+    (tmp_path / "qa.json").write_text(json.dumps(squad))
+    with pytest.raises(IngestError, match=r"qa\.json: question q2 .*field 'answers': answer 'the rug' is not inside"):
+        ingest(_spec(tmp_path, "qa", [{"path": str(tmp_path / "qa.json"), "format": "squad"}], on_error="fail"),
+               progress=lambda *_: None)
+    (tmp_path / "x.conll").write_text("EU B-ORG\nrejects O\n\nGerman B-MISC\ncall X-BAD\n\nlonely\n")
+    out = ingest(_spec(tmp_path, "tokens", [{"path": str(tmp_path / "x.conll"), "format": "conll"}],
+                       labels=["O", "B-ORG", "B-MISC"]), progress=lambda *_: None)
+    assert out["splits"]["train"]["rows"] == 1 and out["rejected"] == 2
+    reasons = [json.loads(x)["reason"] for x in (tmp_path / "out/t/rejects.jsonl").read_text().splitlines()]
+    assert reasons[0].startswith("field 'tags': ['X-BAD'] not in the tag set")
+
+
+def test_tfrecord_examples_and_corrupt_records(tmp_path):
+    records = [frame(encode_example({"sentence": ["a fine film"], "label": [1]})),
+               frame(encode_example({"sentence": ["dull"], "label": [0]}))]
+    corrupt = bytearray(frame(encode_example({"sentence": ["flipped bit"], "label": [1]})))
+    corrupt[-6] ^= 0xFF  # inside the payload: its CRC no longer matches
+    path = tmp_path / "cls.tfrecord"
+    path.write_bytes(records[0] + bytes(corrupt) + records[1])
+    out = ingest(_spec(tmp_path, "classification", [{"path": str(path), "format": "tfrecord",
+                                                      "columns": {"text": "sentence"}}]), progress=lambda *_: None)
+    assert [r["text"] for r in _rows(out, "train")] == ["a fine film", "dull"]
+    assert [r["label"] for r in _rows(out, "train")] == ["1", "0"]
+    reject = json.loads((tmp_path / "out/t/rejects.jsonl").read_text())
+    assert reject["row"].startswith("record 2") and reject["reason"] == "bad TFRecord data CRC"
+
+
+def test_spec_checks_column_names(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: data_ingest\nname: x\ntask: classification\n"
+                   "inputs: [{path: a.csv, format: csv, columns: {txt: sentence}}]\n")
+    with pytest.raises(SpecError, match=r"inputs\.0\.columns\.txt: not a field of task 'classification'"):
+        load_spec(bad, KINDS, [], expect_kind="data_ingest")
