@@ -68,7 +68,7 @@ class PackSection(Section):
     seq_len: int = Field(128, ge=2)
     val_fraction: float = Field(0.05, ge=0, lt=1)  # held out by document
     seed: int = 0
-    rows_per_shard: int = Field(8192, ge=1)  # at least this many blocks a shard file (the last may hold fewer)
+    rows_per_shard: int = Field(8192, ge=1)  # about this many blocks a shard file (estimated from a sample)
 
 
 class PrepareOutput(Section):
@@ -151,10 +151,17 @@ def _is_val(doc_ids, fraction: float, seed: int) -> np.ndarray:
                      for d in doc_ids], dtype=bool)
 
 
-def _pack(batch: pd.DataFrame, tokenizer_json: str, pack: dict, split: str, tally) -> pd.DataFrame:
-    """Tokenise this split's documents, EOS after each, cut the stream into seq_len blocks."""
+def _pack(batch: pd.DataFrame, tokenizer_json: str, pack: dict, split: str, out: str, cfg: dict) -> pd.DataFrame:
+    """Tokenise this split's documents, EOS after each, cut the stream into seq_len blocks and
+    write them as one shard named by the batch's first doc id (stable, whatever the scheduling).
+    Returns the shard's (file, rows, tail): the tail that does not fill a block is counted."""
+    import io
+
+    import pyarrow as pa
     from tokenizers import Tokenizer
 
+    if len(batch) == 0:
+        return pd.DataFrame({"file": [""], "rows": [0], "tail": [0]})
     is_val = _is_val(batch["doc_id"], pack["val_fraction"], pack["seed"])
     texts = list(batch["text"][is_val if split == "val" else ~is_val])
     tok = Tokenizer.from_str(tokenizer_json)
@@ -162,21 +169,13 @@ def _pack(batch: pd.DataFrame, tokenizer_json: str, pack: dict, split: str, tall
     ids = [i for enc in tok.encode_batch(texts, add_special_tokens=False) for i in (*enc.ids, eos)]
     seq_len = pack["seq_len"]
     n = len(ids) // seq_len
-    if len(ids) % seq_len:  # the tail that does not fill a block: counted, not written
-        ray.get(tally.add.remote(f"{split}_tail", len(ids) % seq_len))
-    return pd.DataFrame({"input_ids": list(np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len))})
-
-
-@ray.remote(num_cpus=0)
-class _Tally:
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-
-    def add(self, key: str, n: int) -> None:
-        self.counts[key] = self.counts.get(key, 0) + n
-
-    def get(self) -> dict:
-        return self.counts
+    name = f"{split}/part-{int(batch['doc_id'].iloc[0]):016x}.parquet" if n else ""
+    if n:
+        blocks = np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"input_ids": pa.array(list(blocks), type=pa.list_(pa.int32()))}), buf)
+        storage.write_bytes(storage.join(out, name), buf.getvalue(), StorageConfig.model_validate(cfg))
+    return pd.DataFrame({"file": [name], "rows": [n], "tail": [len(ids) % seq_len]})
 
 
 @ray.remote
@@ -191,6 +190,13 @@ def _bucket_edges(paths: list[str], root: str, cfg: dict, column: str, exclude: 
         keep = ~np.isin(doc_ids, exclude)
         doc_ids, keys = doc_ids[keep], keys[keep]
     return bucket_edges(doc_ids, keys)
+
+
+def _first_doc(path: str, fs) -> int:
+    meta = pq.read_metadata(path, filesystem=fs)
+    column = meta.schema.names.index("doc_id")
+    return min((meta.row_group(g).column(column).statistics.min for g in range(meta.num_row_groups)
+                if meta.row_group(g).num_rows), default=-1)
 
 
 class _Names(FilenameProvider):
@@ -230,13 +236,16 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
      .write_parquet(f"{out_path}/_stage/records", filesystem=fs, filename_provider=_NAMES_PARQUET, mode=ray.data.SaveMode.OVERWRITE))
     stage = [storage.resolve(storage.join(out, "_stage/records", f), cfg)[1]
              for f in storage.list_files(storage.join(out, "_stage/records"), cfg)]
+    stage.sort(key=lambda p: _first_doc(p, fs))  # document order, whatever order the tasks ran in
     num_read = sum(pq.read_metadata(p, filesystem=fs).num_rows for p in stage)
     if num_read == 0:
         raise RuntimeError("the sources hold no records")
     progress(f"[data] read {num_read} records from {len(files)} files")
 
     def records(columns: list[str]):
-        return ray.data.read_parquet(stage, filesystem=fs, columns=columns)
+        # one block per stage file: batch boundaries downstream (pack) then depend on the data
+        # only, not on how many read tasks Ray picks for this cluster and filesystem
+        return ray.data.read_parquet(stage, filesystem=fs, columns=columns, override_num_blocks=len(stage))
 
     # 2. duplicates: exact, then one grouping task per band; clusters resolved on the edges
     exact, near = _duplicates(stage, out, spec.dedup, cfg)
@@ -262,25 +271,21 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
     # 4. tokenizer, then tokenise + pack each split straight into its shards
     final = (records(["doc_id", "text", "status"]).map_batches(_mark, batch_format="pandas", fn_kwargs=marks)
              .filter(lambda r: r["status"] == "kept").select_columns(["doc_id", "text"]))
-    tokenizer = _tokenizer(final, spec, cfg)
+    tokenizer, sample = _tokenizer(final, spec, cfg)
     tok_json = tokenizer.to_str()
     storage.write_text(storage.join(out, "tokenizer.json"), tok_json, cfg)
-    tally = _Tally.remote()
-    shards, sequences = {}, {}
+    # documents a pack batch (= one shard): about rows_per_shard blocks, from the sample's length
+    tokens_per_doc = max(1.0, float(np.mean([len(e.ids) + 1 for e in tokenizer.encode_batch(sample[:256])])))
+    docs_per_shard = int(np.clip(spec.pack.rows_per_shard * spec.pack.seq_len / tokens_per_doc, 8, 200_000))
+    shards, sequences, tails = {}, {}, 0
     for split in ("train", "val"):
-        if split == "val" and spec.pack.val_fraction == 0:
-            shards[split], sequences[split] = [], 0
-            continue
-        (final.map_batches(_pack, batch_format="pandas", batch_size=512,
-                           fn_kwargs={"tokenizer_json": tok_json, "pack": spec.pack.model_dump(),
-                                      "split": split, "tally": tally})
-         .write_parquet(f"{out_path}/{split}", filesystem=fs, min_rows_per_file=spec.pack.rows_per_shard,
-                        filename_provider=_NAMES_PARQUET, mode=ray.data.SaveMode.OVERWRITE))
-        shards[split] = [f"{split}/{f}" for f in storage.list_files(storage.join(out, split), cfg)]
-        sequences[split] = sum(pq.read_metadata(storage.resolve(storage.join(out, s), cfg)[1], filesystem=fs).num_rows
-                               for s in shards[split])
-    tails = ray.get(tally.get.remote())
-    ray.kill(tally)
+        written = [] if split == "val" and spec.pack.val_fraction == 0 else (
+            final.map_batches(_pack, batch_format="pandas", batch_size=docs_per_shard,
+                              fn_kwargs={"tokenizer_json": tok_json, "pack": spec.pack.model_dump(),
+                                         "split": split, "out": out, "cfg": cfg.model_dump()}).take_all())
+        shards[split] = sorted(w["file"] for w in written if w["file"])
+        sequences[split] = sum(int(w["rows"]) for w in written)
+        tails += sum(int(w["tail"]) for w in written)
     storage.delete(storage.join(out, "_stage"), cfg)
 
     seq_len = spec.pack.seq_len
@@ -291,7 +296,7 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
         "seq_len": seq_len,
         "sequences": sequences,
         "tokens": {"train": sequences["train"] * seq_len, "val": sequences["val"] * seq_len,
-                   "dropped_tails": sum(tails.values())},
+                   "dropped_tails": tails},
         "shards": shards,
         "sources": [{"path": s.path, "format": s.format, "files": sum(1 for si, _ in files if si == i)}
                     for i, s in enumerate(spec.sources)],
@@ -349,15 +354,16 @@ def _counts(marked, spec: DataPrepareSpec) -> dict:
 def _tokenizer(final, spec: DataPrepareSpec, cfg):
     from tokenizers import Tokenizer
 
+    """The tokenizer, and a sample of kept documents (for sizing the shards)."""
     tcfg = spec.tokenizer
+    sample = list(final.limit(tcfg.sample_docs if tcfg.kind == "bpe" else 256).to_pandas()["text"])
     if tcfg.kind == "file":
-        return Tokenizer.from_str(storage.read_text(tcfg.path, cfg))
+        return Tokenizer.from_str(storage.read_text(tcfg.path, cfg)), sample
     if tcfg.kind == "char":
         chars = final.map_batches(lambda b: pd.DataFrame({"c": sorted(set("".join(b["text"])))}),
                                   batch_format="pandas").unique("c")
-        return char_level(chars, [EOS])
-    sample = final.limit(tcfg.sample_docs).to_pandas()["text"]
-    return train_bpe(iter(sample), tcfg.vocab_size, [EOS])
+        return char_level(chars, [EOS]), sample
+    return train_bpe(iter(sample), tcfg.vocab_size, [EOS]), sample
 
 
 def load_packed(manifest_uri: str, split: str = "train", cfg: StorageConfig | None = None):

@@ -86,12 +86,12 @@ def test_missing_source_is_an_error(tmp_path):
         expand(SourceSection(path=str(tmp_path / "nothing*.jsonl")))
 
 
-def _shard_hashes(result, cfg=None):
-    """{shard path: sha256} of a prepared dataset, the tokenizer and the rejects included."""
+def _shard_hashes(result, cfg=None, rejects=True):
+    """{shard path: sha256} of a prepared dataset, the tokenizer (and the rejects) included."""
     import hashlib
 
     names = [*result["shards"]["train"], *result["shards"]["val"], "tokenizer.json",
-             *(f"rejects/{f}" for f in storage.list_files(storage.join(result["dir"], "rejects"), cfg))]
+             *(f"rejects/{f}" for f in storage.list_files(storage.join(result["dir"], "rejects"), cfg) if rejects)]
     return {n: hashlib.sha256(storage.read_bytes(storage.join(result["dir"], n), cfg)).hexdigest() for n in names}
 
 
@@ -131,6 +131,15 @@ def test_prepare_counts_reconcile_and_shards_are_exact(ray_cluster, corpus, tmp_
     t = manifest["tokens"]
     assert t["train"] + t["val"] == 32 * (manifest["sequences"]["train"] + manifest["sequences"]["val"])
 
+    # the contract: plain pyarrow and Hugging Face datasets read the shards as they are
+    import datasets
+    import pyarrow.parquet as pq
+
+    files = [str(out / f) for f in manifest["shards"]["train"]]
+    assert sum(pq.read_table(f).num_rows for f in files) == len(train)
+    hf = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert len(hf) == len(train) and hf[0]["input_ids"] == list(train[0]["input_ids"])
+
     again = prepare(spec_for(corpus_dir, tmp_path / "out2"), progress=lambda *_: None)
     assert again["counts"] == result["counts"] and again["tokens"] == result["tokens"]
     assert _shard_hashes(again) == _shard_hashes(result)
@@ -149,7 +158,7 @@ def test_prepare_all_bad_fails_clearly(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_prepare_from_s3_char_tokenizer(ray_cluster, s3_bucket, corpus):
+def test_prepare_from_s3_equals_local(ray_cluster, s3_bucket, corpus, tmp_path):
     bucket, cfg = s3_bucket
     corpus_dir, _ = corpus
     storage.upload_dir(corpus_dir, f"{bucket}/raw", cfg)
@@ -158,6 +167,11 @@ def test_prepare_from_s3_char_tokenizer(ray_cluster, s3_bucket, corpus):
     result = prepare(spec, progress=lambda *_: None)
     assert result["counts"]["total"]["kept"] == 40 + 10  # the good jsonl docs and the paragraphs
     assert result["manifest"] == f"{bucket}/prepared/ds/manifest.json"
-    assert storage.exists(result["manifest"], cfg)
+    assert not storage.list_files(f"{bucket}/prepared/ds/_stage", cfg)  # the stage is cleaned up
     rows = load_packed(result["manifest"], "train", cfg).take(3)
     assert len(rows) == 3 and all(len(r["input_ids"]) == 32 for r in rows)
+
+    local = prepare(spec_for(corpus_dir, tmp_path / "local", tokenizer={"kind": "char"}), progress=lambda *_: None)
+    s3_hashes = _shard_hashes(result, cfg, rejects=False)  # rejects name their (different) source path
+    assert len(s3_hashes) > 3 and s3_hashes == _shard_hashes(local, rejects=False)  # same bytes, file for file
+    assert local["counts"]["total"] == result["counts"]["total"]
