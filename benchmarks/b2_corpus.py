@@ -6,64 +6,30 @@ re-cased) and malformed records (1 %).  Both sides run the same read / normalise
 quality / exact-dedup / MinHash / tokenise / pack functions from `data_pipelines`; the peer uses
 `datasets.map(batched=True, num_proc=2)` and `filter`, its LSH grouping single-process.
 
-    .venv/bin/python benchmarks/b2_corpus.py [--out benchmarks/results/b2.json]
+    .venv/bin/python benchmarks/b2_corpus.py [--bands 20 --rows 5] [--out benchmarks/results/b2.json]
+
+lmjobs runs three times on one fresh cluster: cold (workers start), warm (the same spec again),
+and with FineWeb's 14 x 8 bands for the dedup-quality comparison.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
-import random
-import re
 import sys
 import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "pretrain_text"
 
 from cluster.spec import resolved_dict  # noqa: E402
 from data_pipelines.clean import normalize, quality_failure, scrub_pii  # noqa: E402
 from data_pipelines.dedup import MinHasher, NearDupIndex, exact_key  # noqa: E402
+from data_pipelines.planted import build_corpus, corpus_texts, dedup_quality  # noqa: E402
 from data_pipelines.prepare import DataPrepareSpec, prepare  # noqa: E402
 from data_pipelines.sources import SourceSection, read_records  # noqa: E402
 from data_pipelines.tokenizer import EOS, train_bpe  # noqa: E402
-
-
-def build_corpus(directory: pathlib.Path, seed: int = 0) -> dict:
-    rng = random.Random(seed)
-    shakespeare = [p.strip() for p in (DATA / "tinyshakespeare_input.txt").read_text().split("\n\n") if p.strip()]
-    wiki = [ln.strip() for ln in (DATA / "wikitext-2-raw_wiki.test.raw").read_text(encoding="utf-8").splitlines()
-            if ln.strip() and not re.match(r"^=.*=$", ln.strip())]
-    docs = shakespeare + wiki
-    long_ids = [i for i, d in enumerate(docs) if len(d.split()) >= 40]
-    near_src = rng.sample(long_ids, int(0.05 * len(docs)))
-    exact_src = rng.sample(long_ids, int(0.02 * len(docs)))
-    records = [(json.dumps({"text": d}).encode(), "orig", i) for i, d in enumerate(docs)]
-    for i in near_src:
-        words = docs[i].split()
-        for j in rng.sample(range(len(words)), max(1, round(0.03 * len(words)))):
-            words[j] = rng.choice(["thee", "whilst", "forsooth", "anon", "hath", "the", "of"])
-        records.append((json.dumps({"text": " ".join(words)}).encode(), "near", i))
-    for i in exact_src:
-        records.append((json.dumps({"text": docs[i].upper()}).encode(), "exact", i))
-    for k in range(int(0.01 * len(docs))):
-        records.append(([b'{"text": "truncated', b'{"body": "x"}', b'{"text": 7}', b'\xff\xfe bad'][k % 4], "bad", -1))
-    rng.shuffle(records)
-    directory.mkdir(parents=True, exist_ok=True)
-    truth = {}
-    per_file = -(-len(records) // 4)
-    for f in range(4):
-        chunk, offset, lines = records[f * per_file:(f + 1) * per_file], 0, []
-        path = directory / f"part-{f}.jsonl"
-        for raw, kind, src in chunk:
-            truth[(str(path), offset)] = (kind, src)
-            lines.append(raw)
-            offset += len(raw) + 1
-        path.write_bytes(b"\n".join(lines) + b"\n")
-    return {"documents": len(records), "truth": truth, "planted_near": len(near_src),
-            "planted_exact": len(exact_src)}
 
 
 def spec_for(corpus: pathlib.Path, out: pathlib.Path, bands: int = 14, rows: int = 8) -> DataPrepareSpec:
@@ -77,31 +43,8 @@ def spec_for(corpus: pathlib.Path, out: pathlib.Path, bands: int = 14, rows: int
         "output": {"root": str(out), "write_status": True}})
 
 
-def dedup_quality(statuses: dict, truth: dict) -> dict:
-    """Recall / precision on the planted copies.
-
-    A planted pair (original, copy) is found when exactly one of the two is dropped (which one
-    stays depends only on document order).  Precision: dropped documents that belong to a
-    planted pair, over all dropped documents; duplicates that occur naturally in the corpus
-    (repeated short speeches) count against it, so it is a lower bound.
-    """
-    orig = {src: key for key, (kind, src) in truth.items() if kind == "orig"}
-    dropped = {k for k, s in statuses.items() if s in ("near_dup", "exact_dup")}
-    found = {"near": 0, "exact": 0}
-    total = {"near": 0, "exact": 0}
-    in_pairs = set()
-    for key, (kind, src) in truth.items():
-        if kind in found:
-            total[kind] += 1
-            pair = {key, orig[src]}
-            in_pairs |= pair
-            found[kind] += len(pair & dropped) == 1
-    return {"near_recall": found["near"] / max(1, total["near"]),
-            "dup_recall": (found["near"] + found["exact"]) / max(1, total["near"] + total["exact"]),
-            "precision": len(dropped & in_pairs) / max(1, len(dropped))}
-
-
-def run_lmjobs(spec: DataPrepareSpec) -> dict:
+def run_lmjobs(specs: list[DataPrepareSpec]) -> dict:
+    """Each spec on one fresh 2-CPU cluster, in turn: the first run pays worker start-up (cold)."""
     import pyarrow.parquet as pq
     import ray
 
@@ -110,13 +53,16 @@ def run_lmjobs(spec: DataPrepareSpec) -> dict:
     t0 = time.perf_counter()
     connect(None, num_cpus=2)
     start = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    result = prepare(spec, progress=lambda *_: None)
-    wall = time.perf_counter() - t1
-    table = pq.read_table(f"{result['dir']}/status").to_pylist()
+    runs = []
+    for spec in specs:
+        t1 = time.perf_counter()
+        result = prepare(spec, progress=lambda *_: None)
+        wall = time.perf_counter() - t1
+        table = pq.read_table(f"{result['dir']}/status").to_pylist()
+        runs.append({"wall_s": wall, "result": result,
+                     "statuses": {(r["path"], r["offset"]): r["status"] for r in table}})
     ray.shutdown()
-    return {"wall_s": wall, "cluster_start_s": start, "result": result,
-            "statuses": {(r["path"], r["offset"]): r["status"] for r in table}}
+    return {"cluster_start_s": start, "runs": runs}
 
 
 def run_peer(spec: DataPrepareSpec, files: list[str]) -> dict:
@@ -146,7 +92,7 @@ def run_peer(spec: DataPrepareSpec, files: list[str]) -> dict:
                 if quality_failure(text, rules):
                     status = "filtered"
                 else:
-                    key, bands = exact_key(text), [int(b) for b in hasher.band_keys(hasher.signature(text))]
+                    key, bands = f"{exact_key(text):016x}", hasher.band_keys(hasher.signature(text)).view(np.int64).tolist()
             out["text"].append(text)
             out["status"].append(status)
             out["key"].append(key)
@@ -193,42 +139,48 @@ def run_peer(spec: DataPrepareSpec, files: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b2.json"))
-    parser.add_argument("--bands", type=int, default=14, help="MinHash LSH bands (FineWeb: 14)")
-    parser.add_argument("--rows", type=int, default=8, help="rows per band (FineWeb: 8)")
+    parser.add_argument("--bands", type=int, default=20, help="MinHash LSH bands (default 20; FineWeb: 14)")
+    parser.add_argument("--rows", type=int, default=5, help="rows per band (default 5; FineWeb: 8)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         corpus = build_corpus(tmp / "corpus")
+        texts = corpus_texts(tmp / "corpus")
         spec = spec_for(tmp / "corpus", tmp / "out", args.bands, args.rows)
         files = sorted(str(p) for p in (tmp / "corpus").glob("*.jsonl"))
         peer = run_peer(spec, files)
-        ours = run_lmjobs(spec)
+        # cold (fresh workers), warm (same cluster, second run), and FineWeb's 14 x 8 for quality
+        ours = run_lmjobs([spec, spec_for(tmp / "corpus", tmp / "out-warm", args.bands, args.rows),
+                           spec_for(tmp / "corpus", tmp / "out-14x8", 14, 8)])
     n = corpus["documents"]
-    res = ours["result"]
-    tokens = res["tokens"]["train"] + res["tokens"]["val"]
-    report = {
-        "documents": n, "planted_near": corpus["planted_near"], "planted_exact": corpus["planted_exact"],
-        "lmjobs": {"wall_s": round(ours["wall_s"], 2), "cluster_start_s": round(ours["cluster_start_s"], 2),
-                   "docs_per_s": n / ours["wall_s"], "tokens_per_s": tokens / ours["wall_s"],
-                   "counts": res["counts"]["total"], **dedup_quality(ours["statuses"], corpus["truth"])},
-        "peer_hf_datasets": {"wall_s": round(peer["wall_s"], 2), "docs_per_s": n / peer["wall_s"],
-                             "kept": peer["kept"], **dedup_quality(peer["statuses"], corpus["truth"])},
-        "config": resolved_dict(spec),
-    }
-    report["docs_per_s_ratio"] = report["lmjobs"]["docs_per_s"] / report["peer_hf_datasets"]["docs_per_s"]
+    peer_s = peer["wall_s"]
+    report = {"documents": n, "planted_near": corpus["planted_near"], "planted_exact": corpus["planted_exact"],
+              "cluster_start_s": round(ours["cluster_start_s"], 2),
+              "peer_hf_datasets": {"wall_s": round(peer_s, 2), "docs_per_s": n / peer_s, "kept": peer["kept"],
+                                   **dedup_quality(peer["statuses"], corpus["truth"], texts)}}
+    for key, run, lsh in zip(("lmjobs_cold", "lmjobs_warm", "lmjobs_14x8"), ours["runs"],
+                             (f"{args.bands}x{args.rows}",) * 2 + ("14x8",)):
+        res = run["result"]
+        tokens = res["tokens"]["train"] + res["tokens"]["val"]
+        report[key] = {"lsh": lsh, "wall_s": round(run["wall_s"], 2), "docs_per_s": n / run["wall_s"],
+                       "tokens_per_s": tokens / run["wall_s"], "docs_per_s_ratio": peer_s / run["wall_s"],
+                       "counts": res["counts"]["total"], "stage_seconds": res["stage_seconds"],
+                       **dedup_quality(run["statuses"], corpus["truth"], texts)}
+    report["config"] = resolved_dict(spec)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
-    L, P = report["lmjobs"], report["peer_hf_datasets"]
     print(f"\nB2 corpus pipeline: {n} documents ({corpus['planted_near']} near + {corpus['planted_exact']} exact "
-          f"duplicates planted), MinHash {args.bands} x {args.rows}, 2 CPUs")
-    print(f"{'':<18}{'wall s':>9}{'docs/s':>10}{'near recall':>13}{'dup recall':>12}{'precision':>11}")
-    print(f"{'hf datasets':<18}{P['wall_s']:>9.1f}{P['docs_per_s']:>10.0f}{P['near_recall']:>13.3f}"
-          f"{P['dup_recall']:>12.3f}{P['precision']:>11.3f}")
-    print(f"{'lmjobs (Ray Data)':<18}{L['wall_s']:>9.1f}{L['docs_per_s']:>10.0f}{L['near_recall']:>13.3f}"
-          f"{L['dup_recall']:>12.3f}{L['precision']:>11.3f}")
-    print(f"lmjobs: {L['tokens_per_s']:.0f} tokens/s, cluster start {L['cluster_start_s']:.1f}s (not in wall), "
-          f"counts {L['counts']}")
-    print(f"ratio lmjobs / hf datasets docs/s: {report['docs_per_s_ratio']:.2f}x   (JSON: {args.out})")
+          f"duplicates planted), 2 CPUs")
+    print(f"{'':<26}{'LSH':>6}{'wall s':>8}{'docs/s':>8}{'vs peer':>9}{'near recall':>13}{'dup recall':>12}{'precision':>11}")
+    rows = [("hf datasets (peer)", f"{args.bands}x{args.rows}", report["peer_hf_datasets"])]
+    rows += [(f"lmjobs {k.split('_')[1]}", report[k]["lsh"], report[k]) for k in ("lmjobs_cold", "lmjobs_warm", "lmjobs_14x8")]
+    for name, lsh, r in rows:
+        print(f"{name:<26}{lsh:>6}{r['wall_s']:>8.1f}{r['docs_per_s']:>8.0f}{r['docs_per_s'] / report['peer_hf_datasets']['docs_per_s']:>8.2f}x"
+              f"{r['near_recall']:>13.3f}{r['dup_recall']:>12.3f}{r['precision']:>11.3f}")
+    warm = report["lmjobs_warm"]
+    print(f"lmjobs warm stages (s): {warm['stage_seconds']}; {warm['tokens_per_s']:.0f} tokens/s; "
+          f"cluster start {report['cluster_start_s']:.1f}s (not in wall)")
+    print(f"lmjobs counts: {warm['counts']}   (JSON: {args.out})")
     return 0
 
 

@@ -1,17 +1,19 @@
 """Deduplication primitives: exact keys and MinHash-LSH signatures, deterministic everywhere.
 
-Hashes are fixed functions (blake2b, seeded permutations), never Python's salted `hash`, so
+Hashes are fixed functions (CRC-32, blake2b, seeded multipliers and permutations), never Python's salted `hash`, so
 every Ray worker computes the same signature for the same text.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 
 import numpy as np
 
 _MERSENNE = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64(0xFFFFFFFF)
+_MULTIPLIERS = np.random.default_rng(20240601).integers(1, 1 << 63, size=64, dtype=np.uint64) | np.uint64(1)
 _WS = re.compile(r"\s+")
 _PUNCT = re.compile(r"[^\w\s]")
 
@@ -44,12 +46,32 @@ class MinHasher:
         self.a = rng.integers(1, 1 << 32, size=n, dtype=np.uint64)
         self.b = rng.integers(0, 1 << 32, size=n, dtype=np.uint64)
 
+    def shingle_hashes(self, text: str) -> np.ndarray:
+        """[n] uint64 hashes of the text's n-gram shingles (32 significant bits).
+
+        Each word (or character) is hashed once with CRC-32; an n-gram's hash mixes its n unit
+        hashes with fixed odd multipliers and a splitmix64 finaliser, all vectorised.
+        """
+        canon = canonical(text)
+        if self.unit == "char":
+            units = np.frombuffer(canon.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        else:
+            units = np.fromiter((zlib.crc32(w.encode("utf-8")) for w in canon.split(" ")), dtype=np.uint64)
+        n = max(1, len(units) - self.ngram + 1)
+        mixed = np.zeros(n, dtype=np.uint64)
+        for k in range(min(self.ngram, len(units))):
+            mixed += units[k:k + n] * _MULTIPLIERS[k]  # wraps mod 2^64, as intended
+        mixed ^= mixed >> np.uint64(30)
+        mixed *= np.uint64(0xBF58476D1CE4E5B9)
+        mixed ^= mixed >> np.uint64(27)
+        mixed *= np.uint64(0x94D049BB133111EB)
+        mixed ^= mixed >> np.uint64(31)
+        return mixed & _MAX32
+
     def signature(self, text: str) -> np.ndarray:
         """[bands * rows] uint32 MinHash signature."""
-        hashes = np.fromiter(
-            (int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=4).digest(), "little")
-             for s in shingles(text, self.ngram, self.unit)), dtype=np.uint64)
-        # (a*h + b) mod (2^61 - 1): a, h < 2^32 so a*h fits in uint64
+        hashes = self.shingle_hashes(text)
+        # (a*h + b) mod (2^61 - 1): a, h < 2^32 so a*h + b fits in uint64
         perm = (self.a[:, None] * hashes[None, :] + self.b[:, None]) % _MERSENNE & _MAX32
         return perm.min(axis=1).astype(np.uint32)
 

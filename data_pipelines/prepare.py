@@ -7,12 +7,14 @@ counts reconcile: read = kept + filtered + exact_dup + near_dup + rejected.
 """
 from __future__ import annotations
 
+import io
 import json
 import time
 from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pydantic
 import ray
@@ -151,38 +153,61 @@ def _is_val(doc_ids, fraction: float, seed: int) -> np.ndarray:
                      for d in doc_ids], dtype=bool)
 
 
-def _pack(batch: pd.DataFrame, tokenizer_json: str, pack: dict, split: str, out: str, cfg: dict) -> pd.DataFrame:
+def _pack(docs: pd.DataFrame, tokenizer_json: str, pack: dict, split: str, root: str, cfg: StorageConfig) -> dict:
     """Tokenise this split's documents, EOS after each, cut the stream into seq_len blocks and
-    write them as one shard named by the batch's first doc id (stable, whatever the scheduling).
-    Returns the shard's (file, rows, tail): the tail that does not fill a block is counted."""
-    import io
-
-    import pyarrow as pa
+    write them as one shard named by the chunk's first doc id (stable, whatever the scheduling).
+    The tail that does not fill a block is counted, not written."""
     from tokenizers import Tokenizer
 
-    if len(batch) == 0:
-        return pd.DataFrame({"file": [""], "rows": [0], "tail": [0]})
-    is_val = _is_val(batch["doc_id"], pack["val_fraction"], pack["seed"])
-    texts = list(batch["text"][is_val if split == "val" else ~is_val])
+    is_val = _is_val(docs["doc_id"], pack["val_fraction"], pack["seed"])
+    texts = list(docs["text"][is_val if split == "val" else ~is_val])
     tok = Tokenizer.from_str(tokenizer_json)
     eos = tok.token_to_id(EOS)
-    ids = [i for enc in tok.encode_batch(texts, add_special_tokens=False) for i in (*enc.ids, eos)]
+    ids = [i for enc in tok.encode_batch(texts, add_special_tokens=False) for i in (*enc.ids, eos)] if texts else []
     seq_len = pack["seq_len"]
     n = len(ids) // seq_len
-    name = f"{split}/part-{int(batch['doc_id'].iloc[0]):016x}.parquet" if n else ""
+    name = f"{split}/part-{int(docs['doc_id'].iloc[0]):016x}.parquet" if n else ""
     if n:
         blocks = np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-        buf = io.BytesIO()
-        pq.write_table(pa.table({"input_ids": pa.array(list(blocks), type=pa.list_(pa.int32()))}), buf)
-        storage.write_bytes(storage.join(out, name), buf.getvalue(), StorageConfig.model_validate(cfg))
-    return pd.DataFrame({"file": [name], "rows": [n], "tail": [len(ids) % seq_len]})
+        _write_parquet(pa.table({"input_ids": pa.array(list(blocks), type=pa.list_(pa.int32()))}),
+                       storage.join(root, name), cfg)
+    return {"file": name, "split": split, "rows": n, "tail": len(ids) % seq_len}
+
+
+@ray.remote
+def _finish(path: str, root: str, cfg: dict, exact: np.ndarray, near: np.ndarray, tokenizer_json: str,
+            pack: dict, docs_per_shard: int, write_status: bool) -> dict:
+    """One stage file to its final outputs; its files are named by its first document id."""
+    storage_cfg = StorageConfig.model_validate(cfg)
+    fs, _ = storage.resolve(root, storage_cfg)
+    batch = _mark(pq.read_table(path, filesystem=fs, columns=_RECORD_COLUMNS).to_pandas(), exact, near)
+    if batch.empty:
+        return {"counts": [], "shards": []}
+    name = f"part-{int(batch['doc_id'].iloc[0]):016x}"
+    counts = (batch[["source_index", "status", "reason"]].value_counts().rename("count").reset_index()
+              .to_dict("records"))
+    rejected = batch[batch["status"] == "rejected"]
+    if len(rejected):
+        lines = rejected[["path", "offset", "reason", "raw"]].to_json(orient="records", lines=True, force_ascii=False)
+        storage.write_text(storage.join(root, f"rejects/{name}.jsonl"), lines, storage_cfg)
+    if write_status:
+        status = pa.Table.from_pandas(batch[["doc_id", "path", "offset", "status", "reason"]], preserve_index=False)
+        _write_parquet(status, storage.join(root, f"status/{name}.parquet"), storage_cfg)
+    kept = batch[batch["status"] == "kept"]
+    shards = [_pack(kept.iloc[k:k + docs_per_shard], tokenizer_json, pack, split, root, storage_cfg)
+              for k in range(0, len(kept), docs_per_shard) for split in ("train", "val")]
+    return {"counts": counts, "shards": shards}
+
+
+def _write_parquet(table: pa.Table, uri: str, cfg: StorageConfig) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue(), cfg)
 
 
 @ray.remote
 def _bucket_edges(paths: list[str], root: str, cfg: dict, column: str, exclude: np.ndarray) -> np.ndarray:
     """One band (or the exact hash) grouped: (member, smallest id in its bucket) edges."""
-    import pyarrow.parquet as pq
-
     fs, _ = storage.resolve(root, StorageConfig.model_validate(cfg))
     table = pq.read_table(paths, filesystem=fs, columns=["doc_id", column], filters=[("status", "==", "kept")])
     doc_ids, keys = table["doc_id"].to_numpy(), table[column].to_numpy()
@@ -206,8 +231,6 @@ class _Names(FilenameProvider):
         return f"part-{task_index:05d}.{self.file_format}"
 
 
-_NAMES_PARQUET = _Names(file_format="parquet")  # with SaveMode.OVERWRITE: the names carry no uuid
-
 
 # -- driver -----------------------------------------------------------------------------------
 
@@ -223,6 +246,10 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic output for a given seed
     t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(stage_name: str) -> None:
+        seconds[stage_name] = round(time.perf_counter() - t0 - sum(seconds.values()), 2)
     fs, out_path = storage.resolve(out, cfg)
     for old in ("manifest.json", "train", "val", "rejects", "status", "_stage"):  # a previous run's
         storage.delete(storage.join(out, old), cfg)
@@ -231,62 +258,55 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
     items = [{"file_index": k, "source_index": si, "path": p} for k, (si, p) in enumerate(files)]
     (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
      .flat_map(_read_file, fn_kwargs={"sources": [s.model_dump() for s in spec.sources], "cfg": cfg.model_dump()})
-     .map_batches(_clean, batch_format="pandas", batch_size=256,
+     .map_batches(_clean, batch_format="pandas", batch_size=1024,
                   fn_kwargs={"clean": spec.clean.model_dump(), "dedup": spec.dedup.model_dump()})
-     .write_parquet(f"{out_path}/_stage/records", filesystem=fs, filename_provider=_NAMES_PARQUET, mode=ray.data.SaveMode.OVERWRITE))
+     .write_parquet(f"{out_path}/_stage/records", filesystem=fs, filename_provider=_Names(file_format="parquet"),
+                    mode=ray.data.SaveMode.OVERWRITE))  # OVERWRITE: the names carry no write uuid
     stage = [storage.resolve(storage.join(out, "_stage/records", f), cfg)[1]
              for f in storage.list_files(storage.join(out, "_stage/records"), cfg)]
     stage.sort(key=lambda p: _first_doc(p, fs))  # document order, whatever order the tasks ran in
     num_read = sum(pq.read_metadata(p, filesystem=fs).num_rows for p in stage)
     if num_read == 0:
         raise RuntimeError("the sources hold no records")
-    progress(f"[data] read {num_read} records from {len(files)} files")
-
-    def records(columns: list[str]):
-        # one block per stage file: batch boundaries downstream (pack) then depend on the data
-        # only, not on how many read tasks Ray picks for this cluster and filesystem
-        return ray.data.read_parquet(stage, filesystem=fs, columns=columns, override_num_blocks=len(stage))
+    lap("read_clean_signatures")
+    progress(f"[data] read {num_read} records from {len(files)} files ({seconds['read_clean_signatures']}s)")
 
     # 2. duplicates: exact, then one grouping task per band; clusters resolved on the edges
     exact, near = _duplicates(stage, out, spec.dedup, cfg)
-    marks = {"exact": exact, "near": near}
-    counts = _counts(records(["doc_id", "source_index", "status", "reason"])
-                     .map_batches(_mark, batch_format="pandas", fn_kwargs=marks), spec)
+    lap("dedup")
+
+    # 3. tokenizer, from a sample of the kept documents (every kept document for char-level)
+    tokenizer, sample = _tokenizer(stage, out, fs, exact, near, spec, cfg)
+    tok_json = tokenizer.to_str()
+    storage.write_text(storage.join(out, "tokenizer.json"), tok_json, cfg)
+    lap("tokenizer")
+
+    # 4. one task per stage file: counts, rejects, status, and the packed shards of both splits
+    tokens_per_doc = max(1.0, float(np.mean([len(e.ids) + 1 for e in tokenizer.encode_batch(sample[:256])])))
+    docs_per_shard = int(np.clip(spec.pack.rows_per_shard * spec.pack.seq_len / tokens_per_doc, 8, 200_000))
+    exact_ref, near_ref = ray.put(exact), ray.put(near)
+    pending = [_finish.remote(path, out, cfg.model_dump(), exact_ref, near_ref, tok_json, spec.pack.model_dump(),
+                              docs_per_shard, spec.output.write_status) for path in stage]
+    results, step = {}, max(1, len(pending) // 10)
+    index = {ref: k for k, ref in enumerate(pending)}
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=min(len(pending), step))
+        results.update({index[r]: v for r, v in zip(ready, ray.get(ready))})
+        progress(f"[data] packed {len(results)}/{len(stage)} stage files")
+    finished = [results[k] for k in range(len(stage))]
+    counts = _counts(pd.DataFrame([c for f in finished for c in f["counts"]]), spec)
     total = counts["total"]
     progress(f"[data] kept {total['kept']}, filtered {total['filtered']}, duplicates {total['exact_dup']} exact "
              f"+ {total['near_dup']} near, rejected {total['rejected']}")
     if total["kept"] == 0:
         raise RuntimeError(f"no record survived ({total}): every record was rejected, "
                            "filtered or a duplicate; see the rejects and the clean.quality rules")
-
-    # 3. side outputs: rejects (always, when any), every record's status (on request)
-    if total["rejected"]:
-        (records(["path", "offset", "reason", "raw", "status"]).filter(lambda r: r["status"] == "rejected")
-         .select_columns(["path", "offset", "reason", "raw"])
-         .write_json(f"{out_path}/rejects", filesystem=fs, filename_provider=_Names(file_format="json")))
-    if spec.output.write_status:
-        (records(["doc_id", "path", "offset", "status", "reason"]).map_batches(_mark, batch_format="pandas", fn_kwargs=marks)
-         .write_parquet(f"{out_path}/status", filesystem=fs, filename_provider=_NAMES_PARQUET, mode=ray.data.SaveMode.OVERWRITE))
-
-    # 4. tokenizer, then tokenise + pack each split straight into its shards
-    final = (records(["doc_id", "text", "status"]).map_batches(_mark, batch_format="pandas", fn_kwargs=marks)
-             .filter(lambda r: r["status"] == "kept").select_columns(["doc_id", "text"]))
-    tokenizer, sample = _tokenizer(final, spec, cfg)
-    tok_json = tokenizer.to_str()
-    storage.write_text(storage.join(out, "tokenizer.json"), tok_json, cfg)
-    # documents a pack batch (= one shard): about rows_per_shard blocks, from the sample's length
-    tokens_per_doc = max(1.0, float(np.mean([len(e.ids) + 1 for e in tokenizer.encode_batch(sample[:256])])))
-    docs_per_shard = int(np.clip(spec.pack.rows_per_shard * spec.pack.seq_len / tokens_per_doc, 8, 200_000))
-    shards, sequences, tails = {}, {}, 0
-    for split in ("train", "val"):
-        written = [] if split == "val" and spec.pack.val_fraction == 0 else (
-            final.map_batches(_pack, batch_format="pandas", batch_size=docs_per_shard,
-                              fn_kwargs={"tokenizer_json": tok_json, "pack": spec.pack.model_dump(),
-                                         "split": split, "out": out, "cfg": cfg.model_dump()}).take_all())
-        shards[split] = sorted(w["file"] for w in written if w["file"])
-        sequences[split] = sum(int(w["rows"]) for w in written)
-        tails += sum(int(w["tail"]) for w in written)
+    written = [w for f in finished for w in f["shards"]]
+    shards = {split: sorted(w["file"] for w in written if w["file"].startswith(f"{split}/")) for split in ("train", "val")}
+    sequences = {split: sum(w["rows"] for w in written if w["split"] == split) for split in ("train", "val")}
+    tails = sum(w["tail"] for w in written)
     storage.delete(storage.join(out, "_stage"), cfg)
+    lap("finish")
 
     seq_len = spec.pack.seq_len
     manifest = {
@@ -303,6 +323,7 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
         "counts": counts,
         "config": resolved_dict(spec),
         "seconds": round(time.perf_counter() - t0, 2),
+        "stage_seconds": seconds,
     }
     manifest_uri = storage.join(out, "manifest.json")
     storage.write_text(manifest_uri, json.dumps(manifest, indent=2), cfg)  # last, atomically
@@ -332,37 +353,53 @@ def _duplicates(stage: list[str], out: str, dedup: DedupSection, cfg: StorageCon
     return exact, near
 
 
-def _counts(marked, spec: DataPrepareSpec) -> dict:
+def _counts(table: pd.DataFrame, spec: DataPrepareSpec) -> dict:
     """Per source and in total: read, each status, and reasons (rules / reject causes)."""
-    # a streamed tally: the table is small, and a hash-shuffle groupby costs seconds per run
-    tally = pd.concat([b.value_counts().rename("count()").reset_index() for b in marked.select_columns(
-        ["source_index", "status", "reason"]).iter_batches(batch_size=65536, batch_format="pandas")])
-    table = tally.groupby(["source_index", "status", "reason"], as_index=False)["count()"].sum()
+    table = table.groupby(["source_index", "status", "reason"], as_index=False)["count"].sum()
     per_source = []
     for i, src in enumerate(spec.sources):
         rows = table[table["source_index"] == i]
-        entry = {"path": src.path, "read": int(rows["count()"].sum()),
-                 **{s: int(rows[rows["status"] == s]["count()"].sum()) for s in STATUSES},
-                 "filtered_by_rule": {r["reason"]: int(r["count()"]) for _, r in rows[rows["status"] == "filtered"].iterrows()},
-                 "rejected_by_reason": {r["reason"]: int(r["count()"]) for _, r in rows[rows["status"] == "rejected"].iterrows()}}
+        entry = {"path": src.path, "read": int(rows["count"].sum()),
+                 **{s: int(rows[rows["status"] == s]["count"].sum()) for s in STATUSES},
+                 "filtered_by_rule": {r["reason"]: int(r["count"]) for _, r in rows[rows["status"] == "filtered"].iterrows()},
+                 "rejected_by_reason": {r["reason"]: int(r["count"]) for _, r in rows[rows["status"] == "rejected"].iterrows()}}
         per_source.append(entry)
     total = {k: sum(e[k] for e in per_source) for k in ("read", *STATUSES)}
     assert total["read"] == sum(total[s] for s in STATUSES), total  # every record has one status
     return {"total": total, "per_source": per_source}
 
 
-def _tokenizer(final, spec: DataPrepareSpec, cfg):
+def _kept_texts(path: str, fs, exact: np.ndarray, near: np.ndarray) -> list[str]:
+    batch = _mark(pq.read_table(path, filesystem=fs, columns=["doc_id", "status", "text"]).to_pandas(), exact, near)
+    return list(batch["text"][batch["status"] == "kept"])
+
+
+@ray.remote
+def _chars(path: str, root: str, cfg: dict, exact: np.ndarray, near: np.ndarray) -> list[str]:
+    fs, _ = storage.resolve(root, StorageConfig.model_validate(cfg))
+    return sorted(set("".join(_kept_texts(path, fs, exact, near))))
+
+
+def _tokenizer(stage: list[str], out: str, fs, exact, near, spec: DataPrepareSpec, cfg: StorageConfig):
+    """The tokenizer, and the first kept documents (BPE's training sample; shard sizing)."""
     from tokenizers import Tokenizer
 
-    """The tokenizer, and a sample of kept documents (for sizing the shards)."""
     tcfg = spec.tokenizer
-    sample = list(final.limit(tcfg.sample_docs if tcfg.kind == "bpe" else 256).to_pandas()["text"])
+    limit = tcfg.sample_docs if tcfg.kind == "bpe" else 256
+    sample: list[str] = []
+    for path in stage:  # in document order, until the sample is full: bounded memory
+        sample += _kept_texts(path, fs, exact, near)[: limit - len(sample)]
+        if len(sample) >= limit:
+            break
+    if not sample:
+        raise RuntimeError("no record survived: every record was rejected, filtered or a duplicate; "
+                           "see the rejects and the clean.quality rules")
     if tcfg.kind == "file":
         return Tokenizer.from_str(storage.read_text(tcfg.path, cfg)), sample
     if tcfg.kind == "char":
-        chars = final.map_batches(lambda b: pd.DataFrame({"c": sorted(set("".join(b["text"])))}),
-                                  batch_format="pandas").unique("c")
-        return char_level(chars, [EOS]), sample
+        exact_ref, near_ref = ray.put(exact), ray.put(near)
+        parts = ray.get([_chars.remote(p, out, cfg.model_dump(), exact_ref, near_ref) for p in stage])
+        return char_level({c for part in parts for c in part}, [EOS]), sample
     return train_bpe(iter(sample), tcfg.vocab_size, [EOS]), sample
 
 
