@@ -7,6 +7,7 @@ counts reconcile: read = kept + filtered + exact_dup + near_dup + rejected.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import time
@@ -33,6 +34,7 @@ from data_pipelines.tokenizer import EOS, char_level, fingerprint, train_bpe
 MANIFEST_VERSION = 1
 _RECORD_COLUMNS = ["doc_id", "source_index", "path", "offset", "text", "status", "reason", "raw"]
 STATUSES = ("kept", "filtered", "exact_dup", "near_dup", "rejected")
+_STAGE_ROWS_PER_FILE = 4096  # records a stage file: the unit of the finishing tasks
 
 
 class CleanSection(Section):
@@ -153,15 +155,22 @@ def _is_val(doc_ids, fraction: float, seed: int) -> np.ndarray:
                      for d in doc_ids], dtype=bool)
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer_from(tokenizer_json: str):
+    """One Tokenizer per worker process: a fresh one per task leaks its encode caches (seen:
+    ~10 MB a task, so a long-lived worker's memory grew with the corpus)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json)
+
+
 def _pack(docs: pd.DataFrame, tokenizer_json: str, pack: dict, split: str, root: str, cfg: StorageConfig) -> dict:
     """Tokenise this split's documents, EOS after each, cut the stream into seq_len blocks and
     write them as one shard named by the chunk's first doc id (stable, whatever the scheduling).
     The tail that does not fill a block is counted, not written."""
-    from tokenizers import Tokenizer
-
     is_val = _is_val(docs["doc_id"], pack["val_fraction"], pack["seed"])
     texts = list(docs["text"][is_val if split == "val" else ~is_val])
-    tok = Tokenizer.from_str(tokenizer_json)
+    tok = _tokenizer_from(tokenizer_json)
     eos = tok.token_to_id(EOS)
     ids = [i for enc in tok.encode_batch(texts, add_special_tokens=False) for i in (*enc.ids, eos)] if texts else []
     seq_len = pack["seq_len"]
@@ -254,13 +263,15 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
     for old in ("manifest.json", "train", "val", "rejects", "status", "_stage"):  # a previous run's
         storage.delete(storage.join(out, old), cfg)
 
-    # 1. read + clean + signatures, in parallel, streamed to the stage
+    # 1. read + clean + signatures, streamed to the stage: one fused task per source file (read,
+    #    clean and write in one pass, so no queue of raw records builds up in the object store)
     items = [{"file_index": k, "source_index": si, "path": p} for k, (si, p) in enumerate(files)]
     (ray.data.from_items(items, override_num_blocks=max(1, len(items)))
      .flat_map(_read_file, fn_kwargs={"sources": [s.model_dump() for s in spec.sources], "cfg": cfg.model_dump()})
-     .map_batches(_clean, batch_format="pandas", batch_size=1024,
+     .map_batches(_clean, batch_format="pandas", batch_size=None,
                   fn_kwargs={"clean": spec.clean.model_dump(), "dedup": spec.dedup.model_dump()})
      .write_parquet(f"{out_path}/_stage/records", filesystem=fs, filename_provider=_Names(file_format="parquet"),
+                    max_rows_per_file=_STAGE_ROWS_PER_FILE,
                     mode=ray.data.SaveMode.OVERWRITE))  # OVERWRITE: the names carry no write uuid
     stage = [storage.resolve(storage.join(out, "_stage/records", f), cfg)[1]
              for f in storage.list_files(storage.join(out, "_stage/records"), cfg)]

@@ -1,5 +1,6 @@
 """Corpus pipeline on the session's Ray cluster: rejects, filters, dedup, tokenizer, packed shards."""
 import json
+import pathlib
 import random
 
 import pytest
@@ -79,6 +80,41 @@ def test_parquet_and_csv_rows(tmp_path):
     recs = list(read_records(csv_bytes, "x.csv", SourceSection(path="x", format="csv")))
     assert [(r["offset"], r["text"], r["reason"]) for r in recs] == [
         (0, "a, quoted doc", ""), (1, "", "missing field 'text'"), (2, "plain", "")]
+
+
+def test_tfrecord_source_real_file_and_corrupt_record(tmp_path):
+    from data_pipelines.tfrecord import encode_example, frame
+
+    real = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tfrecord/wmt14_ende_wpm_32k_test.tfrecord"
+    src = SourceSection(path=str(real), format="tfrecord", text_field="source_word", join="sentencepiece")
+    recs = list(read_records(real.read_bytes(), str(real), src))
+    assert len(recs) == 100 and not any(r["reason"] for r in recs)  # PROVENANCE.md: 100 Examples
+    assert recs[0]["text"] == "A Republican strategy to counter the re-election of Obama"
+
+    good = frame(encode_example({"text": ["first doc"]}))
+    flipped = bytearray(frame(encode_example({"text": ["second doc"]})))
+    flipped[14] ^= 0x01
+    parts = [good, bytes(flipped), frame(encode_example({"text": [3]})), frame(encode_example({"body": ["x"]})), good[:9]]
+    offsets = [sum(len(p) for p in parts[:k]) for k in range(len(parts))]
+    recs = list(read_records(b"".join(parts), "x.tfrecord", SourceSection(path="x", format="tfrecord")))
+    assert [(r["offset"], r["reason"].split(" (")[0]) for r in recs] == list(zip(offsets, [
+        "", "bad TFRecord data CRC", "feature 'text' is int64_list, not bytes_list", "missing feature 'text'",
+        "truncated TFRecord header"]))
+    assert recs[0]["text"] == "first doc"
+
+
+def test_saved_hf_dataset_source(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["one doc", None, "three"], "n": [1, 2, 3]}).save_to_disk(str(tmp_path / "ds"))
+    src = SourceSection(path=str(tmp_path / "ds"), format="hf_dataset")
+    files = expand(src)
+    assert files and all(f.endswith(".arrow") for f in files)
+    recs = [r for f in files for r in read_records(pathlib.Path(f).read_bytes(), f, src)]
+    assert [(r["offset"], r["text"], r["reason"]) for r in recs] == [
+        (0, "one doc", ""), (1, "", "missing field 'text'"), (2, "three", "")]
+    with pytest.raises(FileNotFoundError, match="not a saved Hugging Face dataset"):
+        expand(SourceSection(path=str(tmp_path), format="hf_dataset"))
 
 
 def test_missing_source_is_an_error(tmp_path):
@@ -175,3 +211,39 @@ def test_prepare_from_s3_equals_local(ray_cluster, s3_bucket, corpus, tmp_path):
     s3_hashes = _shard_hashes(result, cfg, rejects=False)  # rejects name their (different) source path
     assert len(s3_hashes) > 3 and s3_hashes == _shard_hashes(local, rejects=False)  # same bytes, file for file
     assert local["counts"]["total"] == result["counts"]["total"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_planted_duplicates_in_real_corpus(ray_cluster, tmp_path):
+    """Acceptance: pretrain_text with planted exact/near duplicates and malformed lines."""
+    import pyarrow.parquet as pq
+
+    from data_pipelines.planted import build_corpus, corpus_texts, dedup_quality
+
+    corpus = build_corpus(tmp_path / "corpus")
+    spec = DataPrepareSpec.model_validate({
+        "kind": "data_prepare", "name": "planted",
+        "sources": [{"path": str(tmp_path / "corpus"), "format": "jsonl"}],
+        "clean": {"quality": {"min_words": 5, "max_symbol_word_ratio": 0.5, "min_alpha_word_frac": 0.5}},
+        "dedup": {"bands": 20, "rows": 5},
+        "tokenizer": {"kind": "bpe", "vocab_size": 1000, "sample_docs": 2000},
+        "output": {"root": str(tmp_path / "out"), "write_status": True}})
+    result = prepare(spec, progress=lambda *_: None)
+    out = pathlib.Path(result["dir"])
+    statuses = {(r["path"], r["offset"]): r["status"] for r in pq.read_table(out / "status").to_pylist()}
+    quality = dedup_quality(statuses, corpus["truth"], corpus_texts(tmp_path / "corpus"))
+    assert quality["exact_recall"] == 1.0  # every planted exact duplicate removed
+    assert quality["near_recall"] >= 0.9 and quality["precision"] >= 0.99, quality
+
+    # every malformed line is in the rejects, at its byte offset, with a reason; nothing else is
+    rejects = [json.loads(x) for f in sorted((out / "rejects").iterdir()) for x in f.read_text().splitlines()]
+    bad = {key for key, (kind, _) in corpus["truth"].items() if kind == "bad"}
+    assert {(r["path"], r["offset"]) for r in rejects} == bad and all(r["reason"] for r in rejects)
+
+    total = result["counts"]["total"]
+    assert total["read"] == corpus["documents"] == len(statuses)
+    assert total["read"] == sum(total[s] for s in ("kept", "filtered", "exact_dup", "near_dup", "rejected"))
+    assert total["rejected"] == len(bad)
+    for status in ("kept", "filtered", "exact_dup", "near_dup", "rejected"):
+        assert total[status] == sum(1 for s in statuses.values() if s == status)
