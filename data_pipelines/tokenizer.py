@@ -32,3 +32,30 @@ def char_level(chars: Iterable[str], special_tokens: list[str]) -> Tokenizer:
 
 def fingerprint(tokenizer_json: str) -> str:
     return "sha256:" + hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
+
+
+def _byte_symbols() -> list[str]:
+    """The printable stand-in of each byte (the byte-level BPE convention): byte b -> symbols[b]."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            symbols[b] = chr(b)
+        else:
+            symbols[b] = chr(256 + extra)
+            extra += 1
+    return [symbols[b] for b in range(256)]
+
+
+def byte_level(eos: str = EOS) -> Tokenizer:
+    """Raw UTF-8 bytes as ids 0..255 and `eos` as 256: the vocabulary of lmjobs' byte corpora
+    (data_pipelines.text), as a `tokenizers` file any Hugging Face loader reads."""
+    vocab = {s: b for b, s in enumerate(_byte_symbols())}
+    vocab[eos] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=eos))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        pre_tokenizers.Split("", behavior="isolated")])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([eos])
+    return tok

@@ -45,6 +45,16 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lmjobs.export import export
+
+    out = export(args.checkpoint, args.out_dir)
+    print(f"[export] step {out['step']} -> {out['out_dir']}: {', '.join(out['files'])}")
+    print(f"  loads with transformers.AutoModelForCausalLM.from_pretrained; logits match the "
+          f"trained model (max diff {out['max_logit_diff']:.1e})")
+    return 0
+
+
 def cmd_data(args) -> int:
     if args.action == "prepare":
         spec = _load(args, "data_prepare")  # before any cluster work
@@ -149,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory (config, safetensors, tokenizer)")
+    p.add_argument("checkpoint", help="checkpoint directory, local or s3:// (RUN_DIR/checkpoint_stepNNNNNNN)")
+    p.add_argument("out_dir", help="where to write the Hugging Face directory (local or s3://)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="corpus -> packed shards; labelled data -> canonical parquet; statistics")
     dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -4,6 +4,7 @@ Every trainer goes through `DeepSpeedStrategy`; nothing else imports deepspeed.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -88,6 +89,27 @@ class DeepSpeedStrategy:
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
+
+    @contextlib.contextmanager
+    def gathered_module(self):
+        """The full module on every rank for the duration (ZeRO-3 gathers its partitions; every
+        rank must enter together)."""
+        if self.config["zero_optimization"]["stage"] == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+                yield self.engine.module
+        else:
+            yield self.engine.module
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Eval-mode logits [batch, seq, vocab] in fp32 (every rank must call it under ZeRO-3)."""
+        self.engine.module.eval()
+        try:
+            return self.engine(input_ids=input_ids.to(self.device)).logits.float()
+        finally:
+            self.engine.module.train()
 
     def save(self, directory: str | os.PathLike, client_state: dict) -> None:
         """Each rank writes its own ZeRO shard (plus rank 0 the module states) into directory."""

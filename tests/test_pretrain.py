@@ -24,11 +24,12 @@ def test_cpu_headroom_for_ray_data():
 
 
 @pytest.mark.ray
-def test_zero2_two_workers_loss_falls_checkpoints_to_s3(ray_cluster, s3_bucket):
+def test_zero2_two_workers_loss_falls_checkpoints_to_s3(ray_cluster, s3_bucket, tmp_path, monkeypatch):
     import ray
 
     assert ray.cluster_resources()["CPU"] == 2  # the 2-CPU case: Train workers + Ray Data share it
     bucket, cfg = s3_bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL", cfg.endpoint_url)  # for `lmjobs export s3://...`
     spec = load_spec(TINY, KINDS, [f"output.root={bucket}/runs", f"output.storage.endpoint_url={cfg.endpoint_url}",
                                    "train.checkpoint_every=6"])
     assert spec.deepspeed.zero_stage == 2 and spec.scaling.num_workers == 2
@@ -52,17 +53,55 @@ def test_zero2_two_workers_loss_falls_checkpoints_to_s3(ray_cluster, s3_bucket):
     assert state["step"] == 12 and state["tokens"] == 12 * 16 * 32
     ckpts = sorted(f.split("/")[0] for f in run_files if f.startswith("checkpoint_step"))
     assert set(ckpts) == {"checkpoint_step0000006", "checkpoint_step0000012"}
+    _export_loads_without_lmjobs(out["checkpoint"], tmp_path / "export", cfg)
+
+
+LOAD_WITHOUT_LMJOBS = """
+import json, sys
+for name in ("lmjobs", "cluster", "data_pipelines"):
+    sys.modules[name] = None  # importing any of them now fails: the export must not need them
+import torch, transformers
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+tokenizer = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
+probe = json.loads(open(sys.argv[2]).read())
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor([probe["input_ids"]])).logits[0]
+print(json.dumps({"diff": float((logits - torch.tensor(probe["logits"])).abs().max()),
+                  "class": type(model).__name__, "eos": tokenizer.eos_token,
+                  "roundtrip": tokenizer.decode(tokenizer("Romeo, Romeo")["input_ids"])}))
+"""
+
+
+def _export_loads_without_lmjobs(checkpoint, out_dir, cfg=None):
+    """`lmjobs export`, then plain transformers in a fresh process reproduces the trained logits."""
+    import subprocess
+    import sys
+
+    from lmjobs.cli import main
+
+    assert main(["export", checkpoint, str(out_dir)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in out_dir.iterdir()}
+    probe = out_dir.parent / "probe.json"
+    probe.write_bytes(storage.read_bytes(storage.join(checkpoint, "probe_logits.json"), cfg))
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_LMJOBS, str(out_dir), str(probe)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["diff"] <= 1e-5 and result["class"] == "LlamaForCausalLM", result
+    assert result["eos"] == "<|endoftext|>" and result["roundtrip"] == "Romeo, Romeo"
 
 
 @pytest.mark.ray
-def test_rerun_resumes_from_last_checkpoint(ray_cluster, tmp_path):
-    first = load_spec(TINY, KINDS, [f"output.root={tmp_path}", "train.steps=6", "train.log_every=3"])
+def test_rerun_resumes_from_last_checkpoint_zero3_export(ray_cluster, tmp_path):
+    zero3 = [f"output.root={tmp_path}", "train.log_every=3", "deepspeed.zero_stage=3"]
+    first = load_spec(TINY, KINDS, [*zero3, "train.steps=6"])
     out1 = run(first)
     assert history(out1["metrics"])[-1]["step"] == 6
     # Same name, longer budget: the second run continues from step 6 instead of starting over.
-    second = load_spec(TINY, KINDS, [f"output.root={tmp_path}", "train.steps=9", "train.log_every=3"])
+    second = load_spec(TINY, KINDS, [*zero3, "train.steps=9"])
     out2 = run(second)
     steps = history(out2["metrics"])
     assert [m["step"] for m in steps] == [3, 6, 9]
     assert [m["start_step"] for m in steps] == [0, 0, 6]
     assert out2["checkpoint"].endswith("checkpoint_step0000009")
+    _export_loads_without_lmjobs(out2["checkpoint"], tmp_path / "export")  # ZeRO-3: gathered on save

@@ -6,12 +6,14 @@ import os
 import pathlib
 
 import yaml
+from tokenizers import Tokenizer
 
 from cluster import storage
 from cluster.connect import connect
 from cluster.spec import resolved_dict
 from data_pipelines.prepare import load_packed
-from data_pipelines.text import BYTE_VOCAB_SIZE, blocks_dataset, byte_blocks, read_texts
+from data_pipelines.text import blocks_dataset, byte_blocks, read_texts
+from data_pipelines.tokenizer import byte_level
 from lmjobs.config import PretrainSpec
 from lmjobs.plots import loss_curve
 from lmjobs.pretrain.worker import train_loop_per_worker
@@ -33,7 +35,7 @@ def check_cpu_headroom(total_cpus: float, num_workers: int, cpus_per_worker: flo
 
 
 def _dataset(spec: PretrainSpec):
-    """(Ray Dataset with `input_ids`, vocabulary size, number of blocks) for the spec's source."""
+    """(Ray Dataset with `input_ids`, tokenizer JSON, number of blocks) for the spec's source."""
     cfg = spec.output.storage
     if spec.data.source.endswith("manifest.json"):  # packed shards from `lmjobs data prepare`
         manifest = json.loads(storage.read_text(spec.data.source, cfg))
@@ -44,9 +46,10 @@ def _dataset(spec: PretrainSpec):
         num_blocks = manifest["sequences"]["train"]
         if spec.data.max_blocks:
             dataset, num_blocks = dataset.limit(spec.data.max_blocks), min(num_blocks, spec.data.max_blocks)
-        return dataset, manifest["tokenizer"]["vocab_size"], num_blocks
+        tokenizer_uri = storage.join(spec.data.source.rsplit("/", 1)[0], manifest["tokenizer"]["path"])
+        return dataset, storage.read_text(tokenizer_uri, cfg), num_blocks
     blocks = byte_blocks(read_texts(spec.data.source, cfg), spec.data.seq_len, spec.data.max_blocks)
-    return blocks_dataset(blocks, seed=spec.train.seed), BYTE_VOCAB_SIZE, int(len(blocks))
+    return blocks_dataset(blocks, seed=spec.train.seed), byte_level().to_str(), int(len(blocks))
 
 
 def run_root(spec: PretrainSpec) -> str:
@@ -71,12 +74,14 @@ def run(spec: PretrainSpec) -> dict:
     storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
                        yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
 
-    dataset, vocab_size, num_blocks = _dataset(spec)
+    dataset, tokenizer_json, num_blocks = _dataset(spec)
+    vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
 
     storage_path, filesystem = storage.train_storage(root, cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": resolved_dict(spec), "run_dir": run_dir, "vocab_size": vocab_size},
+        train_loop_config={"spec": resolved_dict(spec), "run_dir": run_dir, "vocab_size": vocab_size,
+                           "tokenizer_json": tokenizer_json},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
             resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),

@@ -22,6 +22,7 @@ from lmjobs.models import build_causal_lm, num_params
 from lmjobs.strategy import DeepSpeedStrategy
 
 TRAIN_STATE = "train_state.json"
+PROBE = "probe_logits.json"
 
 
 class Reporter(Protocol):
@@ -48,7 +49,7 @@ def _forever(make_epoch) -> Iterator[dict]:
 
 
 def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
-          resume_dir: str | None, run_dir: str, vocab_size: int) -> dict:
+          resume_dir: str | None, run_dir: str, vocab_size: int, tokenizer_json: str) -> dict:
     """Run (or resume) the job's optimizer steps; returns the last metrics."""
     model = build_causal_lm(spec.model, vocab_size, spec.data.seq_len, spec.train.seed)
     strategy = DeepSpeedStrategy(spec.deepspeed, spec.optim, spec.train.micro_batch_size, spec.train.steps)
@@ -102,26 +103,53 @@ def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
             lines = "".join(json.dumps(m) + "\n" for m in state["history"])
             storage.write_text(storage.join(run_dir, "metrics.jsonl"), lines, spec.output.storage)
         if save:
-            _checkpoint(strategy, state, spec, rank, reporter, metrics)
+            _checkpoint(strategy, state, spec, rank, reporter, metrics, tokenizer_json, vocab_size)
         else:
             reporter.report(metrics, None)
     return metrics
 
 
+def probe_ids(seq_len: int, vocab_size: int) -> torch.Tensor:
+    """A fixed input whose logits every checkpoint records, so an export can be checked against
+    the model as it was trained."""
+    return ((torch.arange(min(16, seq_len)) * 7919 + 13) % vocab_size).unsqueeze(0)
+
+
 def _checkpoint(strategy: DeepSpeedStrategy, state: dict, spec: PretrainSpec, rank: int,
-                reporter: Reporter, metrics: dict) -> None:
+                reporter: Reporter, metrics: dict, tokenizer_json: str, vocab_size: int) -> None:
+    """Every rank's ZeRO shard, and from rank 0: train_state.json, the probe logits, and hf/ (a
+    Hugging Face directory of the full module and the tokenizer, for `lmjobs export`)."""
     local = tempfile.mkdtemp(prefix=f"lmjobs-ckpt-r{rank}-")
     try:
         strategy.save(local, client_state=dict(state))
+        probe = probe_ids(spec.data.seq_len, vocab_size)
+        logits = strategy.logits(probe)  # collective under ZeRO-3
+        with strategy.gathered_module() as module:
+            if rank == 0:
+                save_hf(module, tokenizer_json, os.path.join(local, "hf"))
         if rank == 0:
             train_state = {"step": state["step"], "tokens": state["tokens"],
-                           "micro_batches_per_rank": state["micro_batches"],
+                           "micro_batches_per_rank": state["micro_batches"], "vocab_size": vocab_size,
                            "config": spec.model_dump(mode="json")}
             with open(os.path.join(local, TRAIN_STATE), "w") as f:
                 json.dump(train_state, f, indent=2)
+            with open(os.path.join(local, PROBE), "w") as f:
+                json.dump({"input_ids": probe[0].tolist(), "logits": logits[0].cpu().tolist()}, f)
         reporter.report(metrics, local)
     finally:
         shutil.rmtree(local, ignore_errors=True)
+
+
+def save_hf(module: torch.nn.Module, tokenizer_json: str, directory: str) -> None:
+    """config.json + model.safetensors + tokenizer files: loads with plain `transformers`."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from data_pipelines.tokenizer import EOS
+
+    module.save_pretrained(directory, safe_serialization=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), eos_token=EOS)
+    tokenizer.save_pretrained(directory)
 
 
 class RayReporter:
@@ -146,8 +174,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     checkpoint = ray.train.get_checkpoint()
+    args = (config["run_dir"], config["vocab_size"], config["tokenizer_json"])
     if checkpoint is None:
-        train(spec, make_epoch, rank, RayReporter(), None, config["run_dir"], config["vocab_size"])
+        train(spec, make_epoch, rank, RayReporter(), None, *args)
         return
     with checkpoint.as_directory() as directory:
-        train(spec, make_epoch, rank, RayReporter(), directory, config["run_dir"], config["vocab_size"])
+        train(spec, make_epoch, rank, RayReporter(), directory, *args)
