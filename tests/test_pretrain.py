@@ -1,5 +1,6 @@
 """Ray Train + DeepSpeed on the session's real 2-CPU Ray cluster (Ray Data feeding the workers)."""
 import json
+import math
 
 import pytest
 
@@ -31,15 +32,21 @@ def test_zero2_two_workers_loss_falls_checkpoints_to_s3(ray_cluster, s3_bucket, 
     bucket, cfg = s3_bucket
     monkeypatch.setenv("AWS_ENDPOINT_URL", cfg.endpoint_url)  # for `lmjobs export s3://...`
     spec = load_spec(TINY, KINDS, [f"output.root={bucket}/runs", f"output.storage.endpoint_url={cfg.endpoint_url}",
-                                   "train.checkpoint_every=6"])
+                                   "train.checkpoint_every=6", "train.eval_every=6"])
     assert spec.deepspeed.zero_stage == 2 and spec.scaling.num_workers == 2
     out = run(spec)
 
     steps = history(out["metrics"], cfg)
     assert [m["step"] for m in steps] == [2, 4, 6, 8, 10, 12]
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0, steps  # byte-level LM: ~5.5 -> ~3.6 nats
+    # held-out loss (64 blocks kept out of training) at steps 6 and 12, falling; MFU reported
+    evals = [m for m in steps if "val_loss" in m]
+    assert [m["step"] for m in evals] == [6, 12] and evals[1]["val_loss"] < evals[0]["val_loss"], evals
+    assert abs(evals[1]["val_ppl"] - math.exp(evals[1]["val_loss"])) < 1e-6 * evals[1]["val_ppl"]
+    assert all(0 < m["mfu"] < 1 for m in steps)
     run_files = storage.list_files(out["run_dir"], cfg)
     assert {"resolved_config.yaml", "metrics.jsonl", "loss.png"} <= set(run_files)
+    assert any(f.startswith("tensorboard/events.out.tfevents") for f in run_files), run_files
     assert storage.read_bytes(storage.join(out["run_dir"], "loss.png"), cfg)[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Ray Train wrote the checkpoint to s3:// on the moto server: both ranks' ZeRO shards + state.

@@ -35,7 +35,7 @@ def check_cpu_headroom(total_cpus: float, num_workers: int, cpus_per_worker: flo
 
 
 def _dataset(spec: PretrainSpec):
-    """(Ray Dataset with `input_ids`, tokenizer JSON, number of blocks) for the spec's source."""
+    """(train Dataset, held-out Dataset or None, tokenizer JSON, number of train blocks)."""
     cfg = spec.output.storage
     if spec.data.source.endswith("manifest.json"):  # packed shards from `lmjobs data prepare`
         manifest = json.loads(storage.read_text(spec.data.source, cfg))
@@ -46,10 +46,16 @@ def _dataset(spec: PretrainSpec):
         num_blocks = manifest["sequences"]["train"]
         if spec.data.max_blocks:
             dataset, num_blocks = dataset.limit(spec.data.max_blocks), min(num_blocks, spec.data.max_blocks)
+        val = None
+        if spec.data.val_blocks and manifest["sequences"].get("val"):
+            val = load_packed(spec.data.source, "val", cfg).limit(spec.data.val_blocks)
         tokenizer_uri = storage.join(spec.data.source.rsplit("/", 1)[0], manifest["tokenizer"]["path"])
-        return dataset, storage.read_text(tokenizer_uri, cfg), num_blocks
+        return dataset, val, storage.read_text(tokenizer_uri, cfg), num_blocks
     blocks = byte_blocks(read_texts(spec.data.source, cfg), spec.data.seq_len, spec.data.max_blocks)
-    return blocks_dataset(blocks, seed=spec.train.seed), byte_level().to_str(), int(len(blocks))
+    num_val = spec.data.val_blocks if len(blocks) > 2 * spec.data.val_blocks else 0
+    train_blocks, val_blocks = blocks[: len(blocks) - num_val], blocks[len(blocks) - num_val:]
+    val = blocks_dataset(val_blocks, seed=spec.train.seed, num_blocks_out=1) if num_val else None
+    return blocks_dataset(train_blocks, seed=spec.train.seed), val, byte_level().to_str(), int(len(train_blocks))
 
 
 def run_root(spec: PretrainSpec) -> str:
@@ -74,14 +80,14 @@ def run(spec: PretrainSpec) -> dict:
     storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
                        yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
 
-    dataset, tokenizer_json, num_blocks = _dataset(spec)
+    dataset, val, tokenizer_json, num_blocks = _dataset(spec)
     vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
 
     storage_path, filesystem = storage.train_storage(root, cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": resolved_dict(spec), "run_dir": run_dir, "vocab_size": vocab_size,
-                           "tokenizer_json": tokenizer_json},
+                           "tokenizer_json": tokenizer_json, "has_val": val is not None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
             resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
@@ -89,7 +95,9 @@ def run(spec: PretrainSpec) -> dict:
             name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures)),
-        datasets={"train": dataset},
+        datasets={"train": dataset, **({"val": val} if val is not None else {})},
+        # train is split between the workers; every worker reads the held-out set from its start
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -6,6 +6,7 @@ under Ray Train (via `train_loop_per_worker`) or in one process.  Ray appears on
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -48,10 +49,38 @@ def _forever(make_epoch) -> Iterator[dict]:
                                "train.micro_batch_size, or use more data")
 
 
+def measure_peak_tflops(precision: str, seconds: float = 0.3) -> float:
+    """This worker's matmul rate (TFLOP/s) at the training precision: the MFU denominator."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+    a @ b  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e12
+
+
+def flops_per_token(model: torch.nn.Module, spec: PretrainSpec) -> float:
+    """Training FLOPs a token: 6 N for the weights plus 12 L H T for attention (PaLM appendix B)."""
+    return 6 * num_params(model) + 12 * spec.model.num_layers * spec.model.hidden_size * spec.data.seq_len
+
+
+def _val_loss(strategy: DeepSpeedStrategy, val_batches: list) -> float:
+    total = sum(float(strategy.eval_loss(input_ids=b, labels=b)) for b in val_batches)
+    return _mean_across_ranks(total, len(val_batches))
+
+
 def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
-          resume_dir: str | None, run_dir: str, vocab_size: int, tokenizer_json: str) -> dict:
-    """Run (or resume) the job's optimizer steps; returns the last metrics."""
+          resume_dir: str | None, run_dir: str, vocab_size: int, tokenizer_json: str,
+          val_batches: list | None = None) -> dict:
+    """Run (or resume) the job's optimizer steps; returns the last metrics.
+
+    val_batches: this rank's held-out micro-batches ([micro_batch, seq_len] tensors), the same
+    at every evaluation; every rank must hold the same number (ZeRO-3 forwards are collective).
+    """
     model = build_causal_lm(spec.model, vocab_size, spec.data.seq_len, spec.train.seed)
+    model_flops = flops_per_token(model, spec)  # before ZeRO-3 partitions the parameters
     strategy = DeepSpeedStrategy(spec.deepspeed, spec.optim, spec.train.micro_batch_size, spec.train.steps)
     strategy.setup(model)
     state = {"step": 0, "micro_batches": 0, "tokens": 0, "history": []}
@@ -66,6 +95,8 @@ def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
 
     accum = spec.deepspeed.grad_accum
     tokens_per_step = spec.global_batch_size * spec.data.seq_len
+    peak = spec.train.peak_tflops or measure_peak_tflops(spec.deepspeed.precision)
+    tensorboard = _TensorBoard(run_dir, spec) if rank == 0 else None
     loss_sum, loss_count, t_window, steps_window = 0.0, 0, time.perf_counter(), 0
     if rank == 0:
         print(f"[pretrain] {spec.model.family} {num_params(model) / 1e6:.2f}M params, "
@@ -86,27 +117,64 @@ def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
         step = state["step"]
         last = step == spec.train.steps
         save = last or (spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0)
-        if not (last or save or step % spec.train.log_every == 0):
+        evaluate = bool(val_batches) and (last or (spec.train.eval_every and step % spec.train.eval_every == 0))
+        if not (last or save or evaluate or step % spec.train.log_every == 0):
             continue
         elapsed = time.perf_counter() - t_window
+        tokens_per_s = steps_window * tokens_per_step / max(elapsed, 1e-9)
         metrics = {
             "step": step, "loss": _mean_across_ranks(loss_sum, loss_count),
             "lr": strategy.lr(), "grad_norm": strategy.grad_norm(), "tokens": state["tokens"],
-            "tokens_per_s": steps_window * tokens_per_step / max(elapsed, 1e-9),
+            "tokens_per_s": tokens_per_s,
+            # model FLOPs a worker achieves over the peak it measured (or the spec declared)
+            "mfu": tokens_per_s / spec.scaling.num_workers * model_flops / (peak * 1e12),
             "start_step": start_step,  # where this attempt began: > 0 after a resume
         }
+        if evaluate:
+            metrics["val_loss"] = _val_loss(strategy, val_batches)
+            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
         state["history"].append(metrics)
         loss_sum, loss_count, t_window, steps_window = 0.0, 0, time.perf_counter(), 0
         if rank == 0:
-            print(f"[pretrain] step {step}/{spec.train.steps} loss {metrics['loss']:.4f} "
-                  f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
+            val = f" val {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})" if evaluate else ""
+            print(f"[pretrain] step {step}/{spec.train.steps} loss {metrics['loss']:.4f}{val} "
+                  f"lr {metrics['lr']:.2e} {tokens_per_s:.0f} tok/s MFU {metrics['mfu']:.1%}", flush=True)
             lines = "".join(json.dumps(m) + "\n" for m in state["history"])
             storage.write_text(storage.join(run_dir, "metrics.jsonl"), lines, spec.output.storage)
+            tensorboard.log(metrics)
         if save:
             _checkpoint(strategy, state, spec, rank, reporter, metrics, tokenizer_json, vocab_size)
         else:
             reporter.report(metrics, None)
+    if tensorboard:
+        tensorboard.close()
     return metrics
+
+
+class _TensorBoard:
+    """Event files in RUN_DIR/tensorboard (written locally, copied up when the run dir is s3://)."""
+
+    def __init__(self, run_dir: str, spec: PretrainSpec):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = storage.is_remote(run_dir)
+        self.uri, self.cfg = storage.join(run_dir, "tensorboard"), spec.output.storage
+        self.local = tempfile.mkdtemp(prefix="lmjobs-tb-") if self.remote else self.uri
+        self.writer = SummaryWriter(self.local)
+
+    def log(self, metrics: dict) -> None:
+        for key in ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s", "mfu"):
+            if metrics.get(key) is not None:
+                self.writer.add_scalar(f"pretrain/{key}", metrics[key], metrics["step"])
+        self.writer.flush()
+        if self.remote:
+            storage.upload_dir(self.local, self.uri, self.cfg)
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.remote:
+            storage.upload_dir(self.local, self.uri, self.cfg)
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def probe_ids(seq_len: int, vocab_size: int) -> torch.Tensor:
@@ -152,6 +220,24 @@ def save_hf(module: torch.nn.Module, tokenizer_json: str, directory: str) -> Non
     tokenizer.save_pretrained(directory)
 
 
+def _held_out(spec: PretrainSpec, rank: int, world: int) -> list:
+    """This rank's share of the first eval_batches x world held-out micro-batches (the val set
+    is not split by Ray: every worker reads it from the start, so each evaluation sees the same
+    blocks); a short val set is cycled so every rank runs the same number of forwards."""
+    import ray.train
+
+    val = ray.train.get_dataset_shard("val")
+    batches = []
+    for batch in val.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy"):
+        batches.append(torch.as_tensor(np.stack(batch["input_ids"]), dtype=torch.long))
+        if len(batches) == spec.train.eval_batches * world:
+            break
+    if not batches:
+        raise RuntimeError(f"the held-out set has fewer than train.micro_batch_size ({spec.train.micro_batch_size}) "
+                           "blocks: raise data.val_blocks or set it to 0")
+    return [batches[(rank + k * world) % len(batches)] for k in range(spec.train.eval_batches)]
+
+
 class RayReporter:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
@@ -172,9 +258,11 @@ def train_loop_per_worker(config: dict) -> None:
         # numpy, then one stack: packed shards hold list<int32> rows, byte blocks fixed-size lists
         return shard.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy")
 
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    val_batches = _held_out(spec, rank, world) if config["has_val"] else None
     checkpoint = ray.train.get_checkpoint()
-    args = (config["run_dir"], config["vocab_size"], config["tokenizer_json"])
+    args = (config["run_dir"], config["vocab_size"], config["tokenizer_json"], val_batches)
     if checkpoint is None:
         train(spec, make_epoch, rank, RayReporter(), None, *args)
         return
