@@ -85,6 +85,7 @@ class TrainSection(Section):
     eval_every: int | None = Field(50, ge=1)  # held-out loss every N steps and at the end; None: only at the end
     eval_batches: int = Field(4, ge=1)  # micro-batches per worker per evaluation
     peak_tflops: float | None = Field(None, gt=0)  # per worker, for MFU; None: measured at start
+    log_sample_ids: bool = False  # metrics carry every rank's sample ids of each logged step (tests, audits)
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
 
 

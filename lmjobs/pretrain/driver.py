@@ -15,6 +15,7 @@ from data_pipelines.prepare import load_packed
 from data_pipelines.text import blocks_dataset, byte_blocks, read_texts
 from data_pipelines.tokenizer import byte_level
 from lmjobs.config import PretrainSpec
+from lmjobs.pretrain.data import file_chunks, memory_chunks, rank_dataset
 from lmjobs.plots import loss_curve
 from lmjobs.pretrain.worker import train_loop_per_worker
 
@@ -35,27 +36,45 @@ def check_cpu_headroom(total_cpus: float, num_workers: int, cpus_per_worker: flo
 
 
 def _dataset(spec: PretrainSpec):
-    """(train Dataset, held-out Dataset or None, tokenizer JSON, number of train blocks)."""
+    """(train chunks, in-memory blocks or None, held-out Dataset or None, tokenizer JSON)."""
     cfg = spec.output.storage
     if spec.data.source.endswith("manifest.json"):  # packed shards from `lmjobs data prepare`
         manifest = json.loads(storage.read_text(spec.data.source, cfg))
         if manifest["seq_len"] != spec.data.seq_len:
             raise ValueError(f"data.seq_len is {spec.data.seq_len} but {spec.data.source} was packed "
                              f"with seq_len {manifest['seq_len']}; set data.seq_len={manifest['seq_len']}")
-        dataset = load_packed(spec.data.source, "train", cfg)
-        num_blocks = manifest["sequences"]["train"]
+        base = spec.data.source.rsplit("/", 1)[0]
+        chunks = file_chunks([storage.join(base, f) for f in manifest["shards"]["train"]], cfg)
         if spec.data.max_blocks:
-            dataset, num_blocks = dataset.limit(spec.data.max_blocks), min(num_blocks, spec.data.max_blocks)
+            chunks = _cap(chunks, spec.data.max_blocks)
         val = None
         if spec.data.val_blocks and manifest["sequences"].get("val"):
             val = load_packed(spec.data.source, "val", cfg).limit(spec.data.val_blocks)
-        tokenizer_uri = storage.join(spec.data.source.rsplit("/", 1)[0], manifest["tokenizer"]["path"])
-        return dataset, val, storage.read_text(tokenizer_uri, cfg), num_blocks
+        tokenizer_uri = storage.join(base, manifest["tokenizer"]["path"])
+        return chunks, None, val, storage.read_text(tokenizer_uri, cfg)
     blocks = byte_blocks(read_texts(spec.data.source, cfg), spec.data.seq_len, spec.data.max_blocks)
     num_val = spec.data.val_blocks if len(blocks) > 2 * spec.data.val_blocks else 0
     train_blocks, val_blocks = blocks[: len(blocks) - num_val], blocks[len(blocks) - num_val:]
     val = blocks_dataset(val_blocks, seed=spec.train.seed, num_blocks_out=1) if num_val else None
-    return blocks_dataset(train_blocks, seed=spec.train.seed), val, byte_level().to_str(), int(len(train_blocks))
+    return memory_chunks(len(train_blocks)), train_blocks, val, byte_level().to_str()
+
+
+def _cap(chunks: list[dict], max_rows: int) -> list[dict]:
+    out, left = [], max_rows
+    for c in chunks:
+        if left <= 0:
+            break
+        out.append({**c, "rows": min(c["rows"], left)})
+        left -= out[-1]["rows"]
+    return out
+
+
+def resume_step(run_dir: str, cfg) -> int:
+    """The step of the newest complete checkpoint in the run directory (0 if none): the data
+    plan starts there, the same checkpoint Ray Train hands the workers."""
+    steps = [int(f.split("/")[0][len("checkpoint_step"):]) for f in storage.list_files(run_dir, cfg)
+             if f.startswith("checkpoint_step") and f.endswith("/train_state.json")]
+    return max(steps, default=0)
 
 
 def run_root(spec: PretrainSpec) -> str:
@@ -80,14 +99,20 @@ def run(spec: PretrainSpec) -> dict:
     storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
                        yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
 
-    dataset, val, tokenizer_json, num_blocks = _dataset(spec)
+    chunks, memory, val, tokenizer_json = _dataset(spec)
     vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+    num_blocks = sum(c["rows"] for c in chunks)
+    start = min(resume_step(run_dir, cfg), spec.train.steps)
+    world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
+    train_sets = {f"train_{rank}": rank_dataset(chunks, spec.train.seed, rank, world, micro, start,
+                                                spec.train.steps - start, accum, cfg, memory)
+                  for rank in range(world)}
 
     storage_path, filesystem = storage.train_storage(root, cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": resolved_dict(spec), "run_dir": run_dir, "vocab_size": vocab_size,
-                           "tokenizer_json": tokenizer_json, "has_val": val is not None},
+                           "tokenizer_json": tokenizer_json, "has_val": val is not None, "data_start_step": start},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
             resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
@@ -95,9 +120,10 @@ def run(spec: PretrainSpec) -> dict:
             name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures)),
-        datasets={"train": dataset, **({"val": val} if val is not None else {})},
-        # train is split between the workers; every worker reads the held-out set from its start
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        # one dataset a rank, in the deterministic order of lmjobs.pretrain.data; every worker
+        # reads the held-out set from its start; Ray splits nothing
+        datasets={**train_sets, **({"val": val} if val is not None else {})},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     if result.error is not None:

@@ -38,15 +38,14 @@ def _mean_across_ranks(value: float, count: int) -> float:
     return float(t[0] / t[1].clamp(min=1))
 
 
-def _forever(make_epoch) -> Iterator[dict]:
-    while True:
-        empty = True
-        for batch in make_epoch():
-            empty = False
-            yield batch
-        if empty:
-            raise RuntimeError("this worker's data shard is empty: lower scaling.num_workers or "
-                               "train.micro_batch_size, or use more data")
+def _stream(batches: Iterable[dict], consumed: int) -> Iterator[dict]:
+    """This rank's micro-batches in plan order, after the `consumed` ones a resumed run has
+    already trained on; running out early is a bug in the plan, not the end of an epoch."""
+    it = iter(batches)
+    for _ in range(consumed):
+        next(it)
+    yield from it
+    raise RuntimeError("this rank's data stream ended before train.steps; the data plan is inconsistent")
 
 
 def measure_peak_tflops(precision: str, seconds: float = 0.3) -> float:
@@ -71,10 +70,13 @@ def _val_loss(strategy: DeepSpeedStrategy, val_batches: list) -> float:
     return _mean_across_ranks(total, len(val_batches))
 
 
-def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
+def train(spec: PretrainSpec, batches: Iterable[dict], rank: int, reporter: Reporter,
           resume_dir: str | None, run_dir: str, vocab_size: int, tokenizer_json: str,
-          val_batches: list | None = None) -> dict:
+          val_batches: list | None = None, data_start_step: int = 0) -> dict:
     """Run (or resume) the job's optimizer steps; returns the last metrics.
+
+    batches: this rank's micro-batches ({sample_id, input_ids}) from step `data_start_step` on,
+    in the order of lmjobs.pretrain.data; a resumed run skips the ones before its checkpoint.
 
     val_batches: this rank's held-out micro-batches ([micro_batch, seq_len] tensors), the same
     at every evaluation; every rank must hold the same number (ZeRO-3 forwards are collective).
@@ -88,10 +90,10 @@ def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
         client = strategy.load(resume_dir)
         state.update({k: client[k] for k in ("step", "micro_batches", "tokens", "history") if k in client})
     start_step = state["step"]
-    batches = _forever(make_epoch)
-    # Skip what this rank already consumed, so a resumed run continues where it stopped.
-    for _ in range(state["micro_batches"]):
-        next(batches)
+    if start_step < data_start_step:
+        raise RuntimeError(f"resumed at step {start_step} but the data plan starts at step {data_start_step}")
+    stream = _stream(batches, (start_step - data_start_step) * spec.deepspeed.grad_accum)
+    window_ids: list[int] = []  # this rank's sample ids since the last log line
 
     accum = spec.deepspeed.grad_accum
     tokens_per_step = spec.global_batch_size * spec.data.seq_len
@@ -105,7 +107,8 @@ def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
     metrics: dict = {}
     while state["step"] < spec.train.steps:
         for _ in range(accum):
-            batch = next(batches)
+            batch = next(stream)
+            window_ids += [int(i) for i in batch["sample_id"]]
             ids = torch.as_tensor(np.stack(batch["input_ids"]), dtype=torch.long).to(strategy.device)
             loss = strategy.forward_backward(input_ids=ids, labels=ids)
             loss_sum += float(loss)
@@ -130,6 +133,13 @@ def train(spec: PretrainSpec, make_epoch, rank: int, reporter: Reporter,
             "mfu": tokens_per_s / spec.scaling.num_workers * model_flops / (peak * 1e12),
             "start_step": start_step,  # where this attempt began: > 0 after a resume
         }
+        if spec.train.log_sample_ids:  # every rank's ids since the last log, in rank order
+            gathered = [window_ids]
+            if dist.is_available() and dist.is_initialized():
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, window_ids)
+            metrics["sample_ids"] = gathered
+        window_ids = []
         if evaluate:
             metrics["val_loss"] = _val_loss(strategy, val_batches)
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
@@ -198,6 +208,10 @@ def _checkpoint(strategy: DeepSpeedStrategy, state: dict, spec: PretrainSpec, ra
         if rank == 0:
             train_state = {"step": state["step"], "tokens": state["tokens"],
                            "micro_batches_per_rank": state["micro_batches"], "vocab_size": vocab_size,
+                           # the exact data position: the next step reads stream rows from here on
+                           # (lmjobs.pretrain.data; the stream is a function of the seed)
+                           "data_position": {"stream_row": state["step"] * spec.global_batch_size,
+                                             "global_batch": spec.global_batch_size, "seed": spec.train.seed},
                            "config": spec.model_dump(mode="json")}
             with open(os.path.join(local, TRAIN_STATE), "w") as f:
                 json.dump(train_state, f, indent=2)
@@ -252,19 +266,19 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     spec = PretrainSpec.model_validate(config["spec"])
-    shard = ray.train.get_dataset_shard("train")
-
-    def make_epoch() -> Iterable[dict]:
-        # numpy, then one stack: packed shards hold list<int32> rows, byte blocks fixed-size lists
-        return shard.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy")
-
+    if not spec.scaling.use_gpu:
+        # the same intra-op thread count in every attempt: a restarted worker must compute the
+        # same sums in the same order, or a resumed run drifts from an uninterrupted one
+        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    batches = shard.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy")
     val_batches = _held_out(spec, rank, world) if config["has_val"] else None
     checkpoint = ray.train.get_checkpoint()
-    args = (config["run_dir"], config["vocab_size"], config["tokenizer_json"], val_batches)
+    args = (config["run_dir"], config["vocab_size"], config["tokenizer_json"], val_batches, config["data_start_step"])
     if checkpoint is None:
-        train(spec, make_epoch, rank, RayReporter(), None, *args)
+        train(spec, batches, rank, RayReporter(), None, *args)
         return
     with checkpoint.as_directory() as directory:
-        train(spec, make_epoch, rank, RayReporter(), directory, *args)
+        train(spec, batches, rank, RayReporter(), directory, *args)
