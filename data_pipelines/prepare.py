@@ -1,9 +1,10 @@
 """`lmjobs data prepare`: corpus -> cleaned, deduplicated, tokenised, packed parquet shards.
 
-Stages, all on Ray Data: read (records or rejects, with byte offsets) -> normalise / PII scrub /
-quality rules -> exact dedup -> MinHash-LSH near dedup -> tokenizer -> tokenise + pack ->
-shards + rejects + manifest.  Every input record ends in exactly one status, so the manifest's
-counts reconcile: read = kept + filtered + exact_dup + near_dup + rejected.
+Stages: read (records or rejects, with byte offsets) -> normalise / PII scrub / quality rules ->
+exact hash + MinHash band keys (one Ray Data pass, written to a parquet stage) -> exact and
+near-duplicate grouping (a Ray task per band) -> tokenizer -> one Ray task per stage file for
+counts, rejects, status and packed shards -> manifest.  Every input record ends in exactly one
+status, so the manifest's counts reconcile: read = kept + filtered + exact_dup + near_dup + rejected.
 """
 from __future__ import annotations
 
