@@ -49,15 +49,20 @@ def _stream(batches: Iterable[dict], consumed: int) -> Iterator[dict]:
 
 
 def measure_peak_tflops(precision: str, seconds: float = 0.3) -> float:
-    """This worker's matmul rate (TFLOP/s) at the training precision: the MFU denominator."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-    a @ b  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    return 2 * 512**3 * n / (time.perf_counter() - t0) / 1e12
+    """The best matmul rate (TFLOP/s) this worker reaches, in fp32 or the training precision:
+    the MFU denominator.  (On a CPU without native bf16 a bf16 matmul can be slower than the
+    model's mixed kernels, which made MFU exceed 100 % when only bf16 was measured.)"""
+    dtypes = {torch.float32, torch.bfloat16 if precision == "bf16" else torch.float32}
+    best = 0.0
+    for dtype in dtypes:
+        a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+        a @ b  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        best = max(best, 2 * 512**3 * n / (time.perf_counter() - t0) / 1e12)
+    return best
 
 
 def flops_per_token(model: torch.nn.Module, spec: PretrainSpec) -> float:
@@ -72,7 +77,7 @@ def _val_loss(strategy: DeepSpeedStrategy, val_batches: list) -> float:
 
 def train(spec: PretrainSpec, batches: Iterable[dict], rank: int, reporter: Reporter,
           resume_dir: str | None, run_dir: str, vocab_size: int, tokenizer_json: str,
-          val_batches: list | None = None, data_start_step: int = 0) -> dict:
+          val_batches: list | None = None, data_start_step: int = 0, peak_tflops: float | None = None) -> dict:
     """Run (or resume) the job's optimizer steps; returns the last metrics.
 
     batches: this rank's micro-batches ({sample_id, input_ids}) from step `data_start_step` on,
@@ -97,7 +102,7 @@ def train(spec: PretrainSpec, batches: Iterable[dict], rank: int, reporter: Repo
 
     accum = spec.deepspeed.grad_accum
     tokens_per_step = spec.global_batch_size * spec.data.seq_len
-    peak = spec.train.peak_tflops or measure_peak_tflops(spec.deepspeed.precision)
+    peak = spec.train.peak_tflops or peak_tflops or measure_peak_tflops(spec.deepspeed.precision)
     tensorboard = _TensorBoard(run_dir, spec) if rank == 0 else None
     loss_sum, loss_count, t_window, steps_window = 0.0, 0, time.perf_counter(), 0
     if rank == 0:
@@ -270,13 +275,17 @@ def train_loop_per_worker(config: dict) -> None:
         # the same intra-op thread count in every attempt: a restarted worker must compute the
         # same sums in the same order, or a resumed run drifts from an uninterrupted one
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    # measured first, before data iterators and DeepSpeed run threads in this process: measured
+    # later, a busy worker under-reads its peak and MFU came out above 100 %
+    peak = spec.train.peak_tflops or measure_peak_tflops(spec.deepspeed.precision)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     shard = ray.train.get_dataset_shard(f"train_{rank}")
     batches = shard.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy")
     val_batches = _held_out(spec, rank, world) if config["has_val"] else None
     checkpoint = ray.train.get_checkpoint()
-    args = (config["run_dir"], config["vocab_size"], config["tokenizer_json"], val_batches, config["data_start_step"])
+    args = (config["run_dir"], config["vocab_size"], config["tokenizer_json"], val_batches, config["data_start_step"],
+            peak)
     if checkpoint is None:
         train(spec, batches, rank, RayReporter(), None, *args)
         return
