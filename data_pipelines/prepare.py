@@ -227,8 +227,7 @@ def _bucket_edges(paths: list[str], root: str, cfg: dict, column: str, exclude: 
     return bucket_edges(doc_ids, keys)
 
 
-def _first_doc(path: str, fs) -> int:
-    meta = pq.read_metadata(path, filesystem=fs)
+def _first_doc(meta) -> int:
     column = meta.schema.names.index("doc_id")
     return min((meta.row_group(g).column(column).statistics.min for g in range(meta.num_row_groups)
                 if meta.row_group(g).num_rows), default=-1)
@@ -276,8 +275,9 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
                     mode=ray.data.SaveMode.OVERWRITE))  # OVERWRITE: the names carry no write uuid
     stage = [storage.resolve(storage.join(out, "_stage/records", f), cfg)[1]
              for f in storage.list_files(storage.join(out, "_stage/records"), cfg)]
-    stage.sort(key=lambda p: _first_doc(p, fs))  # document order, whatever order the tasks ran in
-    num_read = sum(pq.read_metadata(p, filesystem=fs).num_rows for p in stage)
+    footers = {p: pq.read_metadata(p, filesystem=fs) for p in stage}  # one footer read a file
+    stage.sort(key=lambda p: _first_doc(footers[p]))  # document order, whatever order the tasks ran in
+    num_read = sum(f.num_rows for f in footers.values())
     if num_read == 0:
         raise RuntimeError("the sources hold no records")
     lap("read_clean_signatures")
