@@ -415,12 +415,14 @@ def _tokenizer(stage: list[str], out: str, fs, exact, near, spec: DataPrepareSpe
     return train_bpe(iter(sample), tcfg.vocab_size, [EOS]), sample
 
 
-def load_packed(manifest_uri: str, split: str = "train", cfg: StorageConfig | None = None):
-    """The packed shards of one split as a Ray Dataset (column `input_ids`)."""
+def load_packed(manifest_uri: str, split: str = "train", cfg: StorageConfig | None = None,
+                num_cpus: float | None = None):
+    """The packed shards of one split as a Ray Dataset (column `input_ids`); num_cpus: what
+    each read task asks of the scheduler (Ray's default is 1)."""
     manifest = json.loads(storage.read_text(manifest_uri, cfg))
     base = manifest_uri.rsplit("/", 1)[0]
     fs, _ = storage.resolve(base, cfg)
     paths = [storage.resolve(storage.join(base, p), cfg)[1] for p in manifest["shards"][split]]
     if not paths:
         raise ValueError(f"{manifest_uri}: no '{split}' shards")
-    return ray.data.read_parquet(paths, filesystem=fs)
+    return ray.data.read_parquet(paths, filesystem=fs, ray_remote_args={"num_cpus": num_cpus} if num_cpus else None)

@@ -70,4 +70,5 @@ def blocks_dataset(blocks: np.ndarray, seed: int, num_blocks_out: int = 8):
         "sample_id": pa.array(order.astype(np.int64)),
         "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(blocks[order].reshape(-1)), blocks.shape[1]),
     })
-    return ray.data.from_arrow(table).repartition(num_blocks_out)
+    dataset = ray.data.from_arrow(table)  # one block, no task
+    return dataset if num_blocks_out <= 1 else dataset.repartition(num_blocks_out)

@@ -25,12 +25,24 @@ class ScalingSection(Section):
 
 
 class ModelSection(Section):
-    family: Literal["llama", "gpt2"] = "llama"
+    # causal_lm: llama or gpt2; mlm (BERT masking) and mlm_nsp (+ next-sentence head): bert
+    objective: Literal["causal_lm", "mlm", "mlm_nsp"] = "causal_lm"
+    family: Literal["llama", "gpt2", "bert"] = "llama"
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
     intermediate_size: int | None = Field(None, ge=8)  # default 4 x hidden (gpt2) / 8/3 x hidden (llama)
     dropout: float = Field(0.0, ge=0, lt=1)
+    mask_prob: float = Field(0.15, gt=0, lt=1)  # mlm / mlm_nsp: share of positions scored
+    activation_checkpointing: bool = False  # recompute layer activations in backward: less memory, ~30 % more compute
+
+    @pydantic.model_validator(mode="after")
+    def _family_fits_objective(self):
+        encoder = self.objective in ("mlm", "mlm_nsp")
+        if encoder != (self.family == "bert"):
+            wanted = "bert" if encoder else "llama or gpt2"
+            raise ValueError(f"model.objective {self.objective} needs model.family {wanted}, not {self.family}")
+        return self
 
     @pydantic.model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -47,6 +59,10 @@ class DataSection(Section):
     # held-out blocks for the validation loss: a manifest's `val` split (at most this many), or
     # for raw text the last blocks of the byte stream, kept out of training
     val_blocks: int = Field(64, ge=0)
+    # curriculum, sequence-length warmup: the first N steps train on the first tokens of each
+    # block, from seq_len_start growing linearly to seq_len (0 = off)
+    seq_len_warmup_steps: int = Field(0, ge=0)
+    seq_len_start: int = Field(16, ge=2)
 
 
 class OptimSection(Section):
@@ -111,6 +127,12 @@ class PretrainSpec(JobSpec):
                              "on CPU use bf16 or fp32")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr ({self.optim.min_lr}) must not exceed optim.lr ({self.optim.lr})")
+        if self.data.seq_len_warmup_steps and self.data.seq_len_start > self.data.seq_len:
+            raise ValueError(f"data.seq_len_start ({self.data.seq_len_start}) must not exceed data.seq_len "
+                             f"({self.data.seq_len})")
+        if self.model.objective == "mlm_nsp" and self.train.micro_batch_size < 2:
+            raise ValueError("model.objective mlm_nsp draws random B segments from the other rows of a micro-batch: "
+                             "train.micro_batch_size must be at least 2")
         if self.optim.warmup_steps >= self.train.steps:
             raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below "
                              f"train.steps ({self.train.steps})")

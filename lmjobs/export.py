@@ -41,11 +41,14 @@ def _check(directory: pathlib.Path, probe: dict, atol: float) -> float:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    config = transformers.AutoConfig.from_pretrained(directory)
+    architecture = getattr(transformers, config.architectures[0])  # e.g. LlamaForCausalLM, BertForPreTraining
+    model = architecture.from_pretrained(directory, attn_implementation="eager")
     model.eval()
     transformers.AutoTokenizer.from_pretrained(directory)  # the tokenizer files load too
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([probe["input_ids"]])).logits[0].float()
+        outputs = model(input_ids=torch.tensor([probe["input_ids"]]))
+    logits = (outputs.logits if hasattr(outputs, "logits") else outputs.prediction_logits)[0].float()
     diff = float((logits - torch.tensor(probe["logits"])).abs().max())
     if diff > atol:
         raise RuntimeError(f"exported model's logits differ from the trained model's by {diff:.2e} (> {atol:g})")

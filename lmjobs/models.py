@@ -21,13 +21,40 @@ def causal_lm_config(cfg: ModelSection, vocab_size: int, max_positions: int) -> 
         embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout)
 
 
-def build_causal_lm(cfg: ModelSection, vocab_size: int, max_positions: int, seed: int) -> torch.nn.Module:
-    """Seeded init, so every worker starts from identical weights."""
+def bert_config(cfg: ModelSection, vocab_size: int, max_positions: int, pad_token_id: int) -> transformers.BertConfig:
+    return transformers.BertConfig(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size or 4 * cfg.hidden_size,
+        max_position_embeddings=max_positions, type_vocab_size=2, hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad_token_id)
+
+
+def build_model(cfg: ModelSection, vocab_size: int, max_positions: int, seed: int,
+                pad_token_id: int | None = None) -> torch.nn.Module:
+    """The objective's model (causal LM, BertForMaskedLM, BertForPreTraining), seeded so every
+    worker starts from identical weights."""
     torch.manual_seed(seed)
-    config = causal_lm_config(cfg, vocab_size, max_positions)
+    if cfg.objective == "causal_lm":
+        config = causal_lm_config(cfg, vocab_size, max_positions)
+    else:
+        if pad_token_id is None:
+            raise ValueError("a BERT model needs the tokenizer's [PAD] id")
+        config = bert_config(cfg, vocab_size, max_positions, pad_token_id)
     # eager attention: deterministic on CPU and identical across workers and ZeRO stages
     config._attn_implementation = "eager"
-    return transformers.AutoModelForCausalLM.from_config(config)
+    if cfg.objective == "causal_lm":
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    elif cfg.objective == "mlm":
+        model = transformers.BertForMaskedLM(config)
+    else:
+        model = transformers.BertForPreTraining(config)
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def build_causal_lm(cfg: ModelSection, vocab_size: int, max_positions: int, seed: int) -> torch.nn.Module:
+    return build_model(cfg, vocab_size, max_positions, seed)
 
 
 def num_params(model: torch.nn.Module) -> int:

@@ -39,7 +39,12 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, micro_batch_size
         "gradient_accumulation_steps": ds.grad_accum,
         "optimizer": {"type": "AdamW", "params": {
             "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-            "weight_decay": optim.weight_decay}},
+            "weight_decay": optim.weight_decay,
+            # torch's AdamW computes beta^t afresh each step; DeepSpeed's C++ Adam keeps it as a
+            # running product inside the process, so a worker restarted from a checkpoint
+            # recomputes it with pow() and drifts from an uninterrupted run in the last bit.
+            # (ZeRO-Offload needs DeepSpeed's CPU Adam, and inherits that drift.)
+            "torch_adam": not ds.offload_optimizer}},
         "zero_optimization": zero,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -76,12 +81,15 @@ class DeepSpeedStrategy:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def forward_backward(self, **batch) -> torch.Tensor:
-        """One micro step; returns the unscaled loss (detached)."""
-        loss = self.engine(**batch).loss
+    def forward_backward(self, batch: dict, loss_fn=None) -> tuple[torch.Tensor, dict]:
+        """One micro step; returns the unscaled loss (detached) and the loss function's figures.
+        loss_fn(outputs, batch) -> (loss, figures); default: the model's own loss."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        outputs = self.engine(**batch)
+        loss, figures = loss_fn(outputs, batch) if loss_fn else (outputs.loss, {})
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed only steps the optimizer at accumulation boundaries
-        return loss.detach()
+        return loss.detach(), figures
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
@@ -103,20 +111,11 @@ class DeepSpeedStrategy:
             yield self.engine.module
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Eval-mode logits [batch, seq, vocab] in fp32 (every rank must call it under ZeRO-3)."""
+    def forward_eval(self, batch: dict):
+        """Eval-mode outputs of one batch, no gradients (every rank must call it under ZeRO-3)."""
         self.engine.module.eval()
         try:
-            return self.engine(input_ids=input_ids.to(self.device)).logits.float()
-        finally:
-            self.engine.module.train()
-
-    @torch.no_grad()
-    def eval_loss(self, **batch) -> torch.Tensor:
-        """The loss of one held-out micro-batch, eval mode, no gradients (collective under ZeRO-3)."""
-        self.engine.module.eval()
-        try:
-            return self.engine(**{k: v.to(self.device) for k, v in batch.items()}).loss.detach().float()
+            return self.engine(**{k: v.to(self.device) for k, v in batch.items()})
         finally:
             self.engine.module.train()
 

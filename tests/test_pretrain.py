@@ -68,18 +68,21 @@ import json, sys
 for name in ("lmjobs", "cluster", "data_pipelines"):
     sys.modules[name] = None  # importing any of them now fails: the export must not need them
 import torch, transformers
-model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+auto = getattr(transformers, sys.argv[3])  # AutoModelForCausalLM, AutoModelForMaskedLM, ...
+model = auto.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
 tokenizer = transformers.AutoTokenizer.from_pretrained(sys.argv[1])
 probe = json.loads(open(sys.argv[2]).read())
 with torch.no_grad():
-    logits = model(input_ids=torch.tensor([probe["input_ids"]])).logits[0]
+    out = model(input_ids=torch.tensor([probe["input_ids"]]))
+logits = (out.logits if hasattr(out, "logits") else out.prediction_logits)[0]
 print(json.dumps({"diff": float((logits - torch.tensor(probe["logits"])).abs().max()),
                   "class": type(model).__name__, "eos": tokenizer.eos_token,
                   "roundtrip": tokenizer.decode(tokenizer("Romeo, Romeo")["input_ids"])}))
 """
 
 
-def _export_loads_without_lmjobs(checkpoint, out_dir, cfg=None):
+def _export_loads_without_lmjobs(checkpoint, out_dir, cfg=None, auto="AutoModelForCausalLM",
+                                 expected="LlamaForCausalLM"):
     """`lmjobs export`, then plain transformers in a fresh process reproduces the trained logits."""
     import subprocess
     import sys
@@ -90,11 +93,11 @@ def _export_loads_without_lmjobs(checkpoint, out_dir, cfg=None):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in out_dir.iterdir()}
     probe = out_dir.parent / "probe.json"
     probe.write_bytes(storage.read_bytes(storage.join(checkpoint, "probe_logits.json"), cfg))
-    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_LMJOBS, str(out_dir), str(probe)],
+    done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_LMJOBS, str(out_dir), str(probe), auto],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["diff"] <= 1e-5 and result["class"] == "LlamaForCausalLM", result
+    assert result["diff"] <= 1e-5 and result["class"] == expected, result
     assert result["eos"] == "<|endoftext|>" and result["roundtrip"] == "Romeo, Romeo"
 
 
@@ -153,7 +156,7 @@ def test_sigkill_worker_resumes_exactly(ray_cluster, tmp_path):
             return False
 
     _wait_for(lambda: past(13), 120, "step 13")
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    workers = [a for a in list_actors(address=ray_cluster, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
     assert workers, "no live Ray Train worker to kill"
     os.kill(workers[-1].pid, signal.SIGKILL)
     worker.join(timeout=600)
@@ -167,12 +170,49 @@ def test_sigkill_worker_resumes_exactly(ray_cluster, tmp_path):
     ids = [i for m in killed for rank in m["sample_ids"] for i in rank]
     assert sorted(ids[:512]) == list(range(512))  # 512 blocks: steps 1-32 are exactly one epoch
     assert len(set(ids[512:])) == len(ids[512:]) == 8 * 16
-    # model, optimizer and scheduler come back exactly: the steps right after the restart
-    # reproduce the uninterrupted run bit for bit
-    restart = max(m["start_step"] for m in killed)
-    for a, b in zip(killed[:restart + 2], reference[:restart + 2]):
-        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], (a, b)
-    # KNOWN GAP (issue 4, open): a last-bit difference appears a few steps after the restart
-    # (deterministically: same figures every run) and lr 1e-2 amplifies it to ~2e-3 by step 40,
-    # so the final loss is only checked to 1e-2 here, not the 1e-4 the issue asks for
-    assert abs(killed[-1]["loss"] - reference[-1]["loss"]) < 1e-2, (killed[-1], reference[-1])
+    # model, optimizer, scheduler and RNG come back exactly: every step after the restart
+    # reproduces the uninterrupted run bit for bit, so the final loss is equal, not just close
+    for a, b in zip(killed, reference):
+        assert (a["loss"], a["grad_norm"], a["lr"]) == (b["loss"], b["grad_norm"], b["lr"]), (a, b)
+    assert abs(killed[-1]["loss"] - reference[-1]["loss"]) < 1e-4
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_driver_killed_rerun_resumes_from_last_checkpoint(ray_cluster, tmp_path):
+    """`lmjobs pretrain` as its own process on the session cluster; SIGKILL the driver after a
+    checkpoint; the same command again continues from that checkpoint, not from step 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+
+    command = [sys.executable, "-m", "lmjobs.cli", "pretrain", str(TINY), "--address", ray_cluster]
+    for override in (f"output.root={tmp_path}", "name=driver", "train.steps=30", "train.checkpoint_every=5",
+                     "train.log_every=1", "data.val_blocks=0"):
+        command += ["--set", override]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run_dir = tmp_path / "driver"
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: (run_dir / "checkpoint_step0000005" / "train_state.json").exists(), 300, "checkpoint 5")
+        _wait_for(lambda: len(history(str(run_dir / "metrics.jsonl"))) >= 7, 120, "step 7")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+    before = history(str(run_dir / "metrics.jsonl"))
+    assert before[-1]["step"] < 30, "the driver finished before it was killed"
+    # Ray reaps the dead driver's trainer and workers: their CPUs come back
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 120, "the killed run's workers to go")
+
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = history(str(run_dir / "metrics.jsonl"))
+    resumed = [m for m in after if m["start_step"] > 0]
+    assert resumed and resumed[0]["start_step"] >= 5 and resumed[0]["start_step"] % 5 == 0  # a checkpoint, not 0
+    assert resumed[0]["step"] == resumed[0]["start_step"] + 1
+    assert [m["step"] for m in after] == list(range(1, 31))  # each step logged once, none lost
+    assert (run_dir / "checkpoint_step0000030" / "train_state.json").exists()

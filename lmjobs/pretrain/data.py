@@ -91,8 +91,10 @@ def _read_visit(visit: dict, chunks: list[dict], seed: int, rank: int, world: in
 
 
 def rank_dataset(chunks: list[dict], seed: int, rank: int, world: int, micro: int, start_step: int,
-                 num_steps: int, accum: int, cfg: StorageConfig | None, memory: np.ndarray | None = None):
-    """Rank `rank`'s rows for steps [start_step, start_step + num_steps), in training order."""
+                 num_steps: int, accum: int, cfg: StorageConfig | None, memory: np.ndarray | None = None,
+                 num_cpus: float = 0.25):
+    """Rank `rank`'s rows for steps [start_step, start_step + num_steps), in training order.
+    num_cpus: each read task's CPU request (it must fit in what the Train workers leave free)."""
     import ray.data
 
     global_batch = micro * accum * world
@@ -100,7 +102,7 @@ def rank_dataset(chunks: list[dict], seed: int, rank: int, world: int, micro: in
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the order is the contract
     return (ray.data.from_items(visits, override_num_blocks=max(1, min(len(visits), 64)))
-            .map_batches(_read_visits, batch_size=1, batch_format="pandas",
+            .map_batches(_read_visits, batch_size=1, batch_format="pandas", num_cpus=num_cpus,
                          fn_kwargs={"chunks": chunks, "seed": seed, "rank": rank, "world": world, "micro": micro,
                                     "cfg": (cfg or StorageConfig()).model_dump(), "memory": memory}))
 

@@ -15,12 +15,14 @@ from data_pipelines.prepare import load_packed
 from data_pipelines.text import blocks_dataset, byte_blocks, read_texts
 from data_pipelines.tokenizer import byte_level
 from lmjobs.config import PretrainSpec
+from lmjobs.pretrain import objectives
 from lmjobs.pretrain.data import file_chunks, memory_chunks, rank_dataset
 from lmjobs.plots import loss_curve
 from lmjobs.pretrain.worker import train_loop_per_worker
 
 # Passed to workers on any cluster: where the prebuilt DeepSpeed ops live, thread counts.
-DATA_CPUS = 0.5  # kept free on a fixed-size cluster for Ray Data's read/split tasks
+DATA_CPUS = 0.5  # kept free on a fixed-size cluster for Ray Data's read tasks
+DATA_TASK_CPUS = 0.25  # what one read task asks for: below DATA_CPUS, or a task that needs a whole CPU never runs
 _FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
                   "AWS_DEFAULT_REGION")
 
@@ -49,7 +51,7 @@ def _dataset(spec: PretrainSpec):
             chunks = _cap(chunks, spec.data.max_blocks)
         val = None
         if spec.data.val_blocks and manifest["sequences"].get("val"):
-            val = load_packed(spec.data.source, "val", cfg).limit(spec.data.val_blocks)
+            val = load_packed(spec.data.source, "val", cfg, num_cpus=DATA_TASK_CPUS).limit(spec.data.val_blocks)
         tokenizer_uri = storage.join(base, manifest["tokenizer"]["path"])
         return chunks, None, val, storage.read_text(tokenizer_uri, cfg)
     blocks = byte_blocks(read_texts(spec.data.source, cfg), spec.data.seq_len, spec.data.max_blocks)
@@ -70,11 +72,20 @@ def _cap(chunks: list[dict], max_rows: int) -> list[dict]:
 
 
 def resume_step(run_dir: str, cfg) -> int:
-    """The step of the newest complete checkpoint in the run directory (0 if none): the data
-    plan starts there, the same checkpoint Ray Train hands the workers."""
-    steps = [int(f.split("/")[0][len("checkpoint_step"):]) for f in storage.list_files(run_dir, cfg)
-             if f.startswith("checkpoint_step") and f.endswith("/train_state.json")]
-    return max(steps, default=0)
+    """The step of the checkpoint Ray Train will hand the workers (0 if none): the newest one
+    its checkpoint manager recorded, which it records only once every rank's files are stored,
+    so a checkpoint cut short by a dying driver is never picked.  The data plan starts there."""
+    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    if not storage.exists(snapshot, cfg):
+        return 0
+    latest = (json.loads(storage.read_text(snapshot, cfg)).get("latest_checkpoint_result") or {})
+    name = latest.get("checkpoint_dir_name") or ""
+    if not name.startswith("checkpoint_step"):
+        return 0
+    if not storage.exists(storage.join(run_dir, name, "train_state.json"), cfg):
+        raise RuntimeError(f"{run_dir}/{name}: Ray Train records this checkpoint but its train_state.json is "
+                           "missing; remove the run directory or restore the checkpoint")
+    return int(name[len("checkpoint_step"):])
 
 
 def run_root(spec: PretrainSpec) -> str:
@@ -100,12 +111,14 @@ def run(spec: PretrainSpec) -> dict:
                        yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
 
     chunks, memory, val, tokenizer_json = _dataset(spec)
+    if spec.model.objective != "causal_lm":
+        tokenizer_json = objectives.with_specials(tokenizer_json)  # [MASK] [CLS] [SEP] [PAD]
     vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
     num_blocks = sum(c["rows"] for c in chunks)
     start = min(resume_step(run_dir, cfg), spec.train.steps)
     world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
     train_sets = {f"train_{rank}": rank_dataset(chunks, spec.train.seed, rank, world, micro, start,
-                                                spec.train.steps - start, accum, cfg, memory)
+                                                spec.train.steps - start, accum, cfg, memory, DATA_TASK_CPUS)
                   for rank in range(world)}
 
     storage_path, filesystem = storage.train_storage(root, cfg)

@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from cluster import storage
 from lmjobs.config import PretrainSpec
-from lmjobs.models import build_causal_lm, num_params
+from lmjobs.models import build_model, num_params
+from lmjobs.pretrain import objectives
 from lmjobs.strategy import DeepSpeedStrategy
 
 TRAIN_STATE = "train_state.json"
@@ -70,9 +71,30 @@ def flops_per_token(model: torch.nn.Module, spec: PretrainSpec) -> float:
     return 6 * num_params(model) + 12 * spec.model.num_layers * spec.model.hidden_size * spec.data.seq_len
 
 
-def _val_loss(strategy: DeepSpeedStrategy, val_batches: list) -> float:
-    total = sum(float(strategy.eval_loss(input_ids=b, labels=b)) for b in val_batches)
-    return _mean_across_ranks(total, len(val_batches))
+def _evaluate(strategy: DeepSpeedStrategy, objective: objectives.Objective, val_batches: list) -> dict:
+    """Held-out loss (and the objective's figures) over this rank's fixed val micro-batches,
+    averaged across ranks; MLM masks are drawn for a fixed step, so every evaluation scores the
+    same positions."""
+    sums: dict[str, float] = {}
+    for index, ids in val_batches:
+        batch = objective.batch(ids, index * len(ids) + np.arange(len(ids)), objectives.VAL_STEP)
+        loss, figures = objective.loss(strategy.forward_eval(batch), batch)
+        for key, value in {"loss": float(loss), **figures}.items():
+            sums[key] = sums.get(key, 0.0) + value
+    out = {f"val_{k}": _mean_across_ranks(v, len(val_batches)) for k, v in sums.items()}
+    # perplexity of the token predictions: the masked-token loss for the MLM objectives
+    out["val_ppl"] = math.exp(min(out.get("val_mlm_loss", out["val_loss"]), 50.0))
+    return out
+
+
+def seq_len_at(spec: PretrainSpec, step: int) -> int:
+    """Sequence-length warmup (curriculum): the first data.seq_len_warmup_steps steps train on
+    the first tokens of each block, growing linearly from data.seq_len_start (multiples of 8)."""
+    warm = spec.data.seq_len_warmup_steps
+    if not warm or step >= warm:
+        return spec.data.seq_len
+    grown = spec.data.seq_len_start + (spec.data.seq_len - spec.data.seq_len_start) * step / warm
+    return min(spec.data.seq_len, max(spec.data.seq_len_start, int(grown) // 8 * 8))
 
 
 def train(spec: PretrainSpec, batches: Iterable[dict], rank: int, reporter: Reporter,
@@ -83,10 +105,11 @@ def train(spec: PretrainSpec, batches: Iterable[dict], rank: int, reporter: Repo
     batches: this rank's micro-batches ({sample_id, input_ids}) from step `data_start_step` on,
     in the order of lmjobs.pretrain.data; a resumed run skips the ones before its checkpoint.
 
-    val_batches: this rank's held-out micro-batches ([micro_batch, seq_len] tensors), the same
+    val_batches: this rank's held-out micro-batches ((index, [micro_batch, seq_len] array) pairs), the same
     at every evaluation; every rank must hold the same number (ZeRO-3 forwards are collective).
     """
-    model = build_causal_lm(spec.model, vocab_size, spec.data.seq_len, spec.train.seed)
+    objective = objectives.build(spec.model.objective, tokenizer_json, spec.model.mask_prob, spec.train.seed)
+    model = build_model(spec.model, vocab_size, spec.data.seq_len, spec.train.seed, getattr(objective, "pad_id", None))
     model_flops = flops_per_token(model, spec)  # before ZeRO-3 partitions the parameters
     strategy = DeepSpeedStrategy(spec.deepspeed, spec.optim, spec.train.micro_batch_size, spec.train.steps)
     strategy.setup(model)
@@ -101,27 +124,32 @@ def train(spec: PretrainSpec, batches: Iterable[dict], rank: int, reporter: Repo
     window_ids: list[int] = []  # this rank's sample ids since the last log line
 
     accum = spec.deepspeed.grad_accum
-    tokens_per_step = spec.global_batch_size * spec.data.seq_len
     peak = spec.train.peak_tflops or peak_tflops or measure_peak_tflops(spec.deepspeed.precision)
     tensorboard = _TensorBoard(run_dir, spec) if rank == 0 else None
-    loss_sum, loss_count, t_window, steps_window = 0.0, 0, time.perf_counter(), 0
+    loss_sum, loss_count, t_window, tokens_window, wait_window = 0.0, 0, time.perf_counter(), 0, 0.0
+    figure_sums: dict[str, float] = {}
     if rank == 0:
         print(f"[pretrain] {spec.model.family} {num_params(model) / 1e6:.2f}M params, "
-              f"global batch {spec.global_batch_size} x {spec.data.seq_len}, ZeRO-{spec.deepspeed.zero_stage}, "
+              f"{spec.model.objective}, global batch {spec.global_batch_size} x {spec.data.seq_len}, ZeRO-{spec.deepspeed.zero_stage}, "
               f"{spec.deepspeed.precision}, starting at step {state['step']}", flush=True)
     metrics: dict = {}
     while state["step"] < spec.train.steps:
+        length = seq_len_at(spec, state["step"])
         for _ in range(accum):
+            t_wait = time.perf_counter()
             batch = next(stream)
+            wait_window += time.perf_counter() - t_wait
             window_ids += [int(i) for i in batch["sample_id"]]
-            ids = torch.as_tensor(np.stack(batch["input_ids"]), dtype=torch.long).to(strategy.device)
-            loss = strategy.forward_backward(input_ids=ids, labels=ids)
+            inputs = objective.batch(np.stack(batch["input_ids"])[:, :length], batch["sample_id"], state["step"])
+            loss, figures = strategy.forward_backward(inputs, objective.loss)
             loss_sum += float(loss)
             loss_count += 1
+            for key, value in figures.items():
+                figure_sums[key] = figure_sums.get(key, 0.0) + value
             state["micro_batches"] += 1
         state["step"] += 1
-        state["tokens"] += tokens_per_step
-        steps_window += 1
+        state["tokens"] += spec.global_batch_size * length
+        tokens_window += spec.global_batch_size * length
         step = state["step"]
         last = step == spec.train.steps
         save = last or (spec.train.checkpoint_every and step % spec.train.checkpoint_every == 0)
@@ -129,14 +157,18 @@ def train(spec: PretrainSpec, batches: Iterable[dict], rank: int, reporter: Repo
         if not (last or save or evaluate or step % spec.train.log_every == 0):
             continue
         elapsed = time.perf_counter() - t_window
-        tokens_per_s = steps_window * tokens_per_step / max(elapsed, 1e-9)
+        tokens_per_s = tokens_window / max(elapsed, 1e-9)
         metrics = {
             "step": step, "loss": _mean_across_ranks(loss_sum, loss_count),
+            **{k: _mean_across_ranks(v, loss_count) for k, v in figure_sums.items()},
             "lr": strategy.lr(), "grad_norm": strategy.grad_norm(), "tokens": state["tokens"],
             "tokens_per_s": tokens_per_s,
             # model FLOPs a worker achieves over the peak it measured (or the spec declared)
             "mfu": tokens_per_s / spec.scaling.num_workers * model_flops / (peak * 1e12),
             "start_step": start_step,  # where this attempt began: > 0 after a resume
+            "seq_len": length,
+            # share of the window this rank waited for data (Ray Data not keeping up when high)
+            "data_wait": _mean_across_ranks(wait_window / max(elapsed, 1e-9), 1),
         }
         if spec.train.log_sample_ids:  # every rank's ids since the last log, in rank order
             gathered = [window_ids]
@@ -146,19 +178,20 @@ def train(spec: PretrainSpec, batches: Iterable[dict], rank: int, reporter: Repo
             metrics["sample_ids"] = gathered
         window_ids = []
         if evaluate:
-            metrics["val_loss"] = _val_loss(strategy, val_batches)
-            metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+            metrics.update(_evaluate(strategy, objective, val_batches))
         state["history"].append(metrics)
-        loss_sum, loss_count, t_window, steps_window = 0.0, 0, time.perf_counter(), 0
+        loss_sum, loss_count, t_window, tokens_window, wait_window = 0.0, 0, time.perf_counter(), 0, 0.0
+        figure_sums = {}
         if rank == 0:
+            nsp = f" nsp acc {metrics['nsp_acc']:.2f}" if "nsp_acc" in metrics else ""
             val = f" val {metrics['val_loss']:.4f} (ppl {metrics['val_ppl']:.1f})" if evaluate else ""
-            print(f"[pretrain] step {step}/{spec.train.steps} loss {metrics['loss']:.4f}{val} "
+            print(f"[pretrain] step {step}/{spec.train.steps} loss {metrics['loss']:.4f}{nsp}{val} "
                   f"lr {metrics['lr']:.2e} {tokens_per_s:.0f} tok/s MFU {metrics['mfu']:.1%}", flush=True)
             lines = "".join(json.dumps(m) + "\n" for m in state["history"])
             storage.write_text(storage.join(run_dir, "metrics.jsonl"), lines, spec.output.storage)
             tensorboard.log(metrics)
         if save:
-            _checkpoint(strategy, state, spec, rank, reporter, metrics, tokenizer_json, vocab_size)
+            _checkpoint(strategy, objective, state, spec, rank, reporter, metrics, tokenizer_json, vocab_size)
         else:
             reporter.report(metrics, None)
     if tensorboard:
@@ -178,7 +211,8 @@ class _TensorBoard:
         self.writer = SummaryWriter(self.local)
 
     def log(self, metrics: dict) -> None:
-        for key in ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        for key in ("loss", "val_loss", "val_ppl", "lr", "grad_norm", "tokens_per_s", "mfu", "mlm_loss", "nsp_loss",
+                    "nsp_acc", "val_nsp_acc", "seq_len", "data_wait"):
             if metrics.get(key) is not None:
                 self.writer.add_scalar(f"pretrain/{key}", metrics[key], metrics["step"])
         self.writer.flush()
@@ -198,7 +232,7 @@ def probe_ids(seq_len: int, vocab_size: int) -> torch.Tensor:
     return ((torch.arange(min(16, seq_len)) * 7919 + 13) % vocab_size).unsqueeze(0)
 
 
-def _checkpoint(strategy: DeepSpeedStrategy, state: dict, spec: PretrainSpec, rank: int,
+def _checkpoint(strategy: DeepSpeedStrategy, objective: objectives.Objective, state: dict, spec: PretrainSpec, rank: int,
                 reporter: Reporter, metrics: dict, tokenizer_json: str, vocab_size: int) -> None:
     """Every rank's ZeRO shard, and from rank 0: train_state.json, the probe logits, and hf/ (a
     Hugging Face directory of the full module and the tokenizer, for `lmjobs export`)."""
@@ -206,7 +240,7 @@ def _checkpoint(strategy: DeepSpeedStrategy, state: dict, spec: PretrainSpec, ra
     try:
         strategy.save(local, client_state=dict(state))
         probe = probe_ids(spec.data.seq_len, vocab_size)
-        logits = strategy.logits(probe)  # collective under ZeRO-3
+        logits = objective.logits(strategy.forward_eval({"input_ids": probe})).float()  # collective under ZeRO-3
         with strategy.gathered_module() as module:
             if rank == 0:
                 save_hf(module, tokenizer_json, os.path.join(local, "hf"))
@@ -235,7 +269,12 @@ def save_hf(module: torch.nn.Module, tokenizer_json: str, directory: str) -> Non
     from data_pipelines.tokenizer import EOS
 
     module.save_pretrained(directory, safe_serialization=True)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), eos_token=EOS)
+    tok = Tokenizer.from_str(tokenizer_json)
+    named = {"eos_token": EOS}
+    if tok.token_to_id(objectives.MASK) is not None:  # the MLM objectives' special tokens
+        named.update(mask_token=objectives.MASK, cls_token=objectives.CLS, sep_token=objectives.SEP,
+                     pad_token=objectives.PAD)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **named)
     tokenizer.save_pretrained(directory)
 
 
@@ -248,13 +287,14 @@ def _held_out(spec: PretrainSpec, rank: int, world: int) -> list:
     val = ray.train.get_dataset_shard("val")
     batches = []
     for batch in val.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy"):
-        batches.append(torch.as_tensor(np.stack(batch["input_ids"]), dtype=torch.long))
+        batches.append(np.stack(batch["input_ids"]))
         if len(batches) == spec.train.eval_batches * world:
             break
     if not batches:
         raise RuntimeError(f"the held-out set has fewer than train.micro_batch_size ({spec.train.micro_batch_size}) "
                            "blocks: raise data.val_blocks or set it to 0")
-    return [batches[(rank + k * world) % len(batches)] for k in range(spec.train.eval_batches)]
+    picks = [(rank + k * world) % len(batches) for k in range(spec.train.eval_batches)]
+    return [(j, batches[j]) for j in picks]
 
 
 class RayReporter:
