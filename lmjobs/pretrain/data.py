@@ -11,12 +11,20 @@ pure function of (corpus, seed, step):
   [s * G, (s + 1) * G) (G = global batch), and inside a step micro-batch j of the step goes to
   rank j % W, accumulation slot j // W.
 
+Weighted mixing of several sources: each source has its own stream as above; the G slots of
+step s are drawn from the sources by a multinomial with the step's weights (seeded by (seed, s);
+the weights may change by step: ordered curriculum stages), shuffled, and each source fills its
+slots from its own stream in order.  A source's stream position at step s is the sum of its
+draws before s, so the whole order is still a pure function of (sources, seed, step).
+
 Each rank gets its own Ray Dataset that streams just its rows from a start step on, reading the
-chunks lazily (Ray Data, order preserved); resuming at step s is building the datasets from
-position s * G.  Every row carries `sample_id`, its index in the corpus.
+chunks lazily (Ray Data, order preserved, a segment of steps per task); resuming at step s is
+building the datasets from position s * G.  Every row carries `sample_id`, its index in the
+corpus (sources numbered one after another).
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -70,8 +78,8 @@ def rank_rows(stream_positions: np.ndarray, rank: int, world: int, micro: int) -
     return (stream_positions // micro) % world == rank
 
 
-def _read_visit(visit: dict, chunks: list[dict], seed: int, rank: int, world: int, micro: int,
-                cfg: dict, memory: np.ndarray | None) -> pd.DataFrame:
+def _visit_rows(visit: dict, chunks: list[dict], seed: int, cfg: dict, memory: np.ndarray | None):
+    """(row index in the source, token ids) of one visit, in stream order."""
     c = chunks[visit["chunk"]]
     if memory is not None:
         ids = memory[c["first_id"]:c["first_id"] + c["rows"]]
@@ -83,30 +91,104 @@ def _read_visit(visit: dict, chunks: list[dict], seed: int, rank: int, world: in
             zero_copy_only=False))
     order = np.random.default_rng([seed, visit["epoch"], visit["chunk"]]).permutation(c["rows"])
     order = order[visit["skip"]:visit["skip"] + visit["take"]]
+    return c["first_id"] + order, ids[order]
+
+
+def _read_visit(visit: dict, chunks: list[dict], seed: int, rank: int, world: int, micro: int,
+                cfg: dict, memory: np.ndarray | None) -> pd.DataFrame:
+    """Rank `rank`'s rows of one visit of a single-source stream."""
+    rows, ids = _visit_rows(visit, chunks, seed, cfg, memory)
     positions = visit["stream_start"] + visit["skip"] + np.arange(visit["take"])
     mine = rank_rows(positions, rank, world, micro)
-    rows = order[mine]
-    return pd.DataFrame({"sample_id": (c["first_id"] + rows).astype(np.int64),
-                         "input_ids": list(ids[rows].astype(np.int32))})
+    return pd.DataFrame({"sample_id": rows[mine].astype(np.int64), "input_ids": list(ids[mine].astype(np.int32))})
 
 
-def rank_dataset(chunks: list[dict], seed: int, rank: int, world: int, micro: int, start_step: int,
-                 num_steps: int, accum: int, cfg: StorageConfig | None, memory: np.ndarray | None = None,
-                 num_cpus: float = 0.25):
+def source_seed(seed: int, source: int) -> int:
+    return seed if source == 0 else seed + 1_000_003 * source
+
+
+def step_sources(weights: np.ndarray, seed: int, step: int, global_batch: int) -> np.ndarray:
+    """Which source fills each of the step's G slots (weights of the step, one per source)."""
+    if len(weights) == 1:
+        return np.zeros(global_batch, dtype=np.int64)
+    rng = np.random.default_rng([seed, 0x6D6978, step])
+    counts = rng.multinomial(global_batch, weights / weights.sum())
+    return rng.permutation(np.repeat(np.arange(len(weights)), counts))
+
+
+def mixture_labels(weights_at, num_sources: int, seed: int, start_step: int, num_steps: int,
+                   global_batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source of every slot of steps [start, start + num_steps), each source's stream position at
+    the start step).  weights_at(step) -> the weights in force at that step."""
+    if num_sources == 1:
+        return np.zeros(num_steps * global_batch, np.int64), np.array([start_step * global_batch])
+    before = np.zeros(num_sources, np.int64)
+    for step in range(start_step):
+        before += np.bincount(step_sources(weights_at(step), seed, step, global_batch), minlength=num_sources)
+    labels = [step_sources(weights_at(step), seed, step, global_batch)
+              for step in range(start_step, start_step + num_steps)]
+    return np.concatenate(labels), before
+
+
+def segments(sources: list[dict], weights_at, seed: int, start_step: int, num_steps: int,
+             global_batch: int, steps_per_segment: int) -> list[dict]:
+    """The work items of a run from start_step: per segment of steps, the slots' sources and,
+    per source, the visits of its own stream that fill them."""
+    labels, position = mixture_labels(weights_at, len(sources), seed, start_step, num_steps, global_batch)
+    items = []
+    for first in range(0, num_steps, steps_per_segment):
+        seg = labels[first * global_batch:(first + steps_per_segment) * global_batch]
+        per_source = []
+        for d, src in enumerate(sources):
+            n = int((seg == d).sum())
+            visits = plan(src["chunks"], source_seed(seed, d), int(position[d]), n) if n else []
+            per_source.append(visits)
+            position[d] += n
+        items.append({"start_row": (start_step + first) * global_batch, "labels": seg.tolist(), "visits": per_source})
+    return items
+
+
+def rank_dataset(sources: list[dict], weights_at, seed: int, rank: int, world: int, micro: int, start_step: int,
+                 num_steps: int, accum: int, cfg: StorageConfig | None, num_cpus: float = 0.25):
     """Rank `rank`'s rows for steps [start_step, start_step + num_steps), in training order.
-    num_cpus: each read task's CPU request (it must fit in what the Train workers leave free)."""
+
+    sources: [{chunks, memory (in-memory blocks or None), id_offset}], one per mixed source;
+    weights_at(step) -> numpy weights.  num_cpus: each read task's CPU request (it must fit in
+    what the Train workers leave free)."""
     import ray.data
 
     global_batch = micro * accum * world
-    visits = plan(chunks, seed, start_step * global_batch, num_steps * global_batch)
+    per_segment = max(1, min(num_steps, -(-4096 // global_batch)))
+    items = segments(sources, weights_at, seed, start_step, num_steps, global_batch, per_segment)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the order is the contract
-    return (ray.data.from_items(visits, override_num_blocks=max(1, min(len(visits), 64)))
-            .map_batches(_read_visits, batch_size=1, batch_format="pandas", num_cpus=num_cpus,
-                         fn_kwargs={"chunks": chunks, "seed": seed, "rank": rank, "world": world, "micro": micro,
-                                    "cfg": (cfg or StorageConfig()).model_dump(), "memory": memory}))
+    # one JSON string a segment: Ray Data's Arrow conversion leaves it as it is
+    rows = [{"segment": json.dumps(item)} for item in items]
+    return (ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
+            .map_batches(_read_segments, batch_size=1, batch_format="pandas", num_cpus=num_cpus,
+                         fn_kwargs={"sources": sources, "seed": seed, "rank": rank, "world": world, "micro": micro,
+                                    "cfg": (cfg or StorageConfig()).model_dump()}))
 
 
-def _read_visits(batch: pd.DataFrame, **kwargs) -> pd.DataFrame:
-    frames = [_read_visit(v, **kwargs) for v in batch.to_dict("records")]
+def read_segment(item: dict, sources: list[dict], seed: int, rank: int, world: int, micro: int,
+                 cfg: dict) -> pd.DataFrame:
+    """Rank `rank`'s rows of one segment, in stream order."""
+    labels = np.asarray(item["labels"])
+    sample_ids = np.zeros(len(labels), np.int64)
+    token_ids: list = [None] * len(labels)
+    for d, (src, visits) in enumerate(zip(sources, item["visits"])):
+        parts = [_visit_rows(v, src["chunks"], source_seed(seed, d), cfg, src.get("memory")) for v in visits]
+        if not parts:
+            continue
+        slots = np.flatnonzero(labels == d)
+        sample_ids[slots] = src.get("id_offset", 0) + np.concatenate([p[0] for p in parts])
+        for slot, row in zip(slots, (r for p in parts for r in p[1])):
+            token_ids[slot] = row
+    mine = np.flatnonzero(rank_rows(item["start_row"] + np.arange(len(labels)), rank, world, micro))
+    return pd.DataFrame({"sample_id": sample_ids[mine],
+                         "input_ids": [np.asarray(token_ids[i], dtype=np.int32) for i in mine]})
+
+
+def _read_segments(batch: pd.DataFrame, **kwargs) -> pd.DataFrame:
+    frames = [read_segment(json.loads(text), **kwargs) for text in batch["segment"]]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"sample_id": [], "input_ids": []})

@@ -37,28 +37,50 @@ def check_cpu_headroom(total_cpus: float, num_workers: int, cpus_per_worker: flo
             f"scaling.cpus_per_worker, e.g. to {max(0.1, (total_cpus - DATA_CPUS) / num_workers):.2g})")
 
 
-def _dataset(spec: PretrainSpec):
+def _source(spec: PretrainSpec, source: str):
     """(train chunks, in-memory blocks or None, held-out Dataset or None, tokenizer JSON)."""
     cfg = spec.output.storage
-    if spec.data.source.endswith("manifest.json"):  # packed shards from `lmjobs data prepare`
-        manifest = json.loads(storage.read_text(spec.data.source, cfg))
+    if source.endswith("manifest.json"):  # packed shards from `lmjobs data prepare`
+        manifest = json.loads(storage.read_text(source, cfg))
         if manifest["seq_len"] != spec.data.seq_len:
-            raise ValueError(f"data.seq_len is {spec.data.seq_len} but {spec.data.source} was packed "
+            raise ValueError(f"data.seq_len is {spec.data.seq_len} but {source} was packed "
                              f"with seq_len {manifest['seq_len']}; set data.seq_len={manifest['seq_len']}")
-        base = spec.data.source.rsplit("/", 1)[0]
+        base = source.rsplit("/", 1)[0]
         chunks = file_chunks([storage.join(base, f) for f in manifest["shards"]["train"]], cfg)
         if spec.data.max_blocks:
             chunks = _cap(chunks, spec.data.max_blocks)
         val = None
         if spec.data.val_blocks and manifest["sequences"].get("val"):
-            val = load_packed(spec.data.source, "val", cfg, num_cpus=DATA_TASK_CPUS).limit(spec.data.val_blocks)
+            val = load_packed(source, "val", cfg, num_cpus=DATA_TASK_CPUS).limit(spec.data.val_blocks)
         tokenizer_uri = storage.join(base, manifest["tokenizer"]["path"])
         return chunks, None, val, storage.read_text(tokenizer_uri, cfg)
-    blocks = byte_blocks(read_texts(spec.data.source, cfg), spec.data.seq_len, spec.data.max_blocks)
+    blocks = byte_blocks(read_texts(source, cfg), spec.data.seq_len, spec.data.max_blocks)
     num_val = spec.data.val_blocks if len(blocks) > 2 * spec.data.val_blocks else 0
     train_blocks, val_blocks = blocks[: len(blocks) - num_val], blocks[len(blocks) - num_val:]
     val = blocks_dataset(val_blocks, seed=spec.train.seed, num_blocks_out=1) if num_val else None
     return memory_chunks(len(train_blocks)), train_blocks, val, byte_level().to_str()
+
+
+def _dataset(spec: PretrainSpec):
+    """(sources [{name, chunks, memory, id_offset}], held-out Dataset or None, tokenizer JSON).
+    A mixture's sources must share the tokenizer; the held-out set is the first source's."""
+    named = [(m.name, m.source) for m in spec.data.mixture] or [("data", spec.data.source)]
+    sources, val, tokenizer_json, offset = [], None, None, 0
+    for name, uri in named:
+        chunks, memory, held_out, tok = _source(spec, uri)
+        if tokenizer_json is not None and tok != tokenizer_json:
+            raise ValueError(f"data.mixture: {name} ({uri}) has another tokenizer than {named[0][0]}; "
+                             "mix only sources prepared with the same tokenizer")
+        tokenizer_json, val = tok, val if val is not None else held_out
+        sources.append({"name": name, "chunks": chunks, "memory": memory, "id_offset": offset})
+        offset += sum(c["rows"] for c in chunks)
+    return sources, val, tokenizer_json
+
+
+def _weights(spec: PretrainSpec):
+    import numpy as np
+
+    return lambda step: np.asarray(spec.data.weights_at(step), dtype=np.float64)
 
 
 def _cap(chunks: list[dict], max_rows: int) -> list[dict]:
@@ -110,15 +132,16 @@ def run(spec: PretrainSpec) -> dict:
     storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
                        yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
 
-    chunks, memory, val, tokenizer_json = _dataset(spec)
+    sources, val, tokenizer_json = _dataset(spec)
     if spec.model.objective != "causal_lm":
         tokenizer_json = objectives.with_specials(tokenizer_json)  # [MASK] [CLS] [SEP] [PAD]
     vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
-    num_blocks = sum(c["rows"] for c in chunks)
+    num_blocks = sum(c["rows"] for src in sources for c in src["chunks"])
     start = min(resume_step(run_dir, cfg), spec.train.steps)
     world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
-    train_sets = {f"train_{rank}": rank_dataset(chunks, spec.train.seed, rank, world, micro, start,
-                                                spec.train.steps - start, accum, cfg, memory, DATA_TASK_CPUS)
+    weights_at = _weights(spec)
+    train_sets = {f"train_{rank}": rank_dataset(sources, weights_at, spec.train.seed, rank, world, micro, start,
+                                                spec.train.steps - start, accum, cfg, DATA_TASK_CPUS)
                   for rank in range(world)}
 
     storage_path, filesystem = storage.train_storage(root, cfg)
