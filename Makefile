@@ -40,6 +40,7 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
+	$(PY) benchmarks/b1_pretrain.py
 	$(PY) benchmarks/b2_corpus.py
 
 clean:
