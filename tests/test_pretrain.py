@@ -179,9 +179,10 @@ def test_sigkill_worker_resumes_exactly(ray_cluster, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_driver_killed_rerun_resumes_from_last_checkpoint(ray_cluster, tmp_path):
-    """`lmjobs pretrain` as its own process on the session cluster; SIGKILL the driver after a
-    checkpoint; the same command again continues from that checkpoint, not from step 0."""
+def test_driver_killed_rerun_resumes_from_last_checkpoint(ray_cluster, s3_bucket):
+    """`lmjobs pretrain` as its own process on the session cluster, checkpointing to the moto S3
+    server; SIGKILL the driver after a checkpoint; the same command again continues from that
+    checkpoint, not from step 0."""
     import os
     import signal
     import subprocess
@@ -189,33 +190,41 @@ def test_driver_killed_rerun_resumes_from_last_checkpoint(ray_cluster, tmp_path)
 
     import ray
 
+    bucket, cfg = s3_bucket
     command = [sys.executable, "-m", "lmjobs.cli", "pretrain", str(TINY), "--address", ray_cluster]
-    for override in (f"output.root={tmp_path}", "name=driver", "train.steps=30", "train.checkpoint_every=5",
-                     "train.log_every=1", "data.val_blocks=0"):
+    for override in (f"output.root={bucket}/runs", f"output.storage.endpoint_url={cfg.endpoint_url}", "name=driver",
+                     "train.steps=30", "train.checkpoint_every=5", "train.log_every=1", "data.val_blocks=0"):
         command += ["--set", override]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    run_dir = tmp_path / "driver"
+    run_dir = f"{bucket}/runs/driver"
+
+    def logged():
+        try:
+            return history(storage.join(run_dir, "metrics.jsonl"), cfg)
+        except (FileNotFoundError, ValueError):
+            return []
+
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: (run_dir / "checkpoint_step0000005" / "train_state.json").exists(), 300, "checkpoint 5")
-        _wait_for(lambda: len(history(str(run_dir / "metrics.jsonl"))) >= 7, 120, "step 7")
+        _wait_for(lambda: storage.exists(storage.join(run_dir, "checkpoint_step0000005", "train_state.json"), cfg),
+                  300, "checkpoint 5")
+        _wait_for(lambda: len(logged()) >= 7, 120, "step 7")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
         first.kill()
-    before = history(str(run_dir / "metrics.jsonl"))
-    assert before[-1]["step"] < 30, "the driver finished before it was killed"
+    assert logged()[-1]["step"] < 30, "the driver finished before it was killed"
     # Ray reaps the dead driver's trainer and workers: their CPUs come back
     _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 120, "the killed run's workers to go")
 
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    after = history(str(run_dir / "metrics.jsonl"))
+    after = logged()
     resumed = [m for m in after if m["start_step"] > 0]
     assert resumed and resumed[0]["start_step"] >= 5 and resumed[0]["start_step"] % 5 == 0  # a checkpoint, not 0
     assert resumed[0]["step"] == resumed[0]["start_step"] + 1
     assert [m["step"] for m in after] == list(range(1, 31))  # each step logged once, none lost
-    assert (run_dir / "checkpoint_step0000030" / "train_state.json").exists()
+    assert storage.exists(storage.join(run_dir, "checkpoint_step0000030", "train_state.json"), cfg)
 
 
 @pytest.mark.ray
