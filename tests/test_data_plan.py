@@ -1,11 +1,21 @@
 """The deterministic pre-training data order (no Ray): every sample once an epoch, resumable
 at any step, and the same global batches whatever the number of workers."""
 import numpy as np
+import pandas as pd
 
-from lmjobs.pretrain.data import _read_visit, memory_chunks, plan
+from lmjobs.pretrain.data import _visit_rows, memory_chunks, plan, rank_rows
 
 ROWS, SEQ = 2500, 4
 BLOCKS = np.arange(ROWS * SEQ, dtype=np.int32).reshape(ROWS, SEQ)
+
+
+def _read_visit(visit: dict, chunks: list[dict], seed: int, rank: int, world: int, micro: int,
+                cfg: dict, memory: np.ndarray | None) -> pd.DataFrame:
+    """Reference: rank `rank`'s rows of one visit, straight from the single-stream plan."""
+    rows, ids = _visit_rows(visit, chunks, seed, cfg, memory)
+    positions = visit["stream_start"] + visit["skip"] + np.arange(visit["take"])
+    mine = rank_rows(positions, rank, world, micro)
+    return pd.DataFrame({"sample_id": rows[mine].astype(np.int64), "input_ids": list(ids[mine].astype(np.int32))})
 
 
 def _rank_ids(rank, world, micro, accum, start_step, num_steps, seed=7):

@@ -95,15 +95,6 @@ def _visit_rows(visit: dict, chunks: list[dict], seed: int, cfg: dict, memory: n
     return c["first_id"] + order, ids[order]
 
 
-def _read_visit(visit: dict, chunks: list[dict], seed: int, rank: int, world: int, micro: int,
-                cfg: dict, memory: np.ndarray | None) -> pd.DataFrame:
-    """Rank `rank`'s rows of one visit of a single-source stream."""
-    rows, ids = _visit_rows(visit, chunks, seed, cfg, memory)
-    positions = visit["stream_start"] + visit["skip"] + np.arange(visit["take"])
-    mine = rank_rows(positions, rank, world, micro)
-    return pd.DataFrame({"sample_id": rows[mine].astype(np.int64), "input_ids": list(ids[mine].astype(np.int32))})
-
-
 def source_seed(seed: int, source: int) -> int:
     return seed if source == 0 else seed + 1_000_003 * source
 

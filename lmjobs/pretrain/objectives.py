@@ -37,7 +37,6 @@ class Objective:
     """Turns micro-batches of packed blocks into model inputs; summarises model outputs."""
 
     name = "causal_lm"
-    stats: tuple[str, ...] = ()  # extra per-batch figures, averaged over a log window
 
     def batch(self, ids: np.ndarray, keys: np.ndarray, step: int) -> dict[str, torch.Tensor]:
         """ids [batch, seq] token ids, keys [batch] sample ids (fix the random choices)."""
@@ -90,7 +89,6 @@ class MaskedLM(Objective):
 
 class MaskedLMNextSentence(MaskedLM):
     name = "mlm_nsp"
-    stats = ("mlm_loss", "nsp_loss", "nsp_acc")
 
     def batch(self, ids, keys, step):
         n, length = ids.shape
