@@ -1,15 +1,19 @@
 """B1: pre-training throughput and loss, lmjobs (Ray Train + DeepSpeed) vs a plain PyTorch loop.
 
-Work: nanoGPT's CPU recipe on tinyshakespeare (../shared/data/pretrain_text): GPT-2 family, 4 layers,
-4 heads, 128 wide, context 64, dropout 0, global batch 12, 2000 iterations, AdamW lr 1e-3 (100 warmup,
-cosine to 1e-4 at the end; `lmjobs.strategy.lr_lambda`), betas (0.9, 0.99), weight decay 0.1, grad clip
-1.0.  Both sides train on the file's UTF-8 bytes (lmjobs' raw-text vocabulary: 256 bytes + EOS = 257
-ids; the text is ASCII, so loss per byte = loss per character; nanoGPT itself uses the 65 distinct
-characters), first 90 % train, last 10 % held out.  One function computes the val loss of both sides,
-from Hugging Face directories loaded with plain transformers, on every non-overlapping 64-byte window
-of the held-out 10 % (64 next-byte targets each).
+Work: nanoGPT's CPU recipe on tinyshakespeare (../shared/data/pretrain_text): 4 layers, 4 heads,
+128 wide, context 64, dropout 0, global batch 12, 2000 iterations, AdamW lr 1e-3 (100 warmup, cosine
+to 1e-4 at the end; `lmjobs.strategy.lr_lambda`), betas (0.9, 0.99), weight decay 0.1 on matrices only
+(`lmjobs.strategy.param_groups`, as nanoGPT), grad clip 1.0.  Model family: Llama (RoPE, RMSNorm,
+SwiGLU; default) or GPT-2 (`--family gpt2`, nanoGPT's own architecture), the same on both sides.
+Both sides train on the file's UTF-8 bytes (lmjobs' raw-text vocabulary: 256 bytes + EOS = 257 ids;
+the text is ASCII, so loss per byte = loss per character; nanoGPT itself uses the 65 distinct
+characters), first 90 % train, last 10 % held out.  lmjobs cuts raw text into 64-byte blocks and
+moves the block boundaries by a seeded offset every epoch after the first; the plain loop draws
+random windows like nanoGPT.  One function computes the val loss of both sides, from Hugging Face
+directories loaded with plain transformers, on every non-overlapping 64-byte window of the held-out
+10 % (64 next-byte targets each).
 
-    .venv/bin/python benchmarks/b1_pretrain.py [--iters 2000] [--variants plain,w2-fp32-z2,...]
+    .venv/bin/python benchmarks/b1_pretrain.py [--iters 2000] [--family llama|gpt2] [--variants plain,w2-fp32-z2,...]
 
 Variants: `plain` (one process, torch's default threads, nanoGPT-style random windows), optional
 suffixes `-t1` (one thread) and `-blocks` (lmjobs' aligned 64-byte blocks, shuffled per epoch);
@@ -42,11 +46,11 @@ import torch  # noqa: E402
 from lmjobs.config import ModelSection, OptimSection, PretrainSpec  # noqa: E402
 from lmjobs.models import build_causal_lm  # noqa: E402
 from lmjobs.pretrain import driver  # noqa: E402  (imported up front: one lmjobs version per benchmark run)
-from lmjobs.strategy import lr_lambda  # noqa: E402
+from lmjobs.strategy import lr_lambda, param_groups  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "pretrain_text" / "tinyshakespeare_input.txt"
 SEQ, BATCH, VOCAB, CPUS, SEED = 64, 12, 257, 2, 0
-MODEL = ModelSection(family="gpt2", hidden_size=128, num_layers=4, num_heads=4, dropout=0.0)
+MODEL = ModelSection(family="llama", hidden_size=128, num_layers=4, num_heads=4, dropout=0.0)  # --family
 # the full budget for the peer and lmjobs' default setup (~8 min on 2 cores); the other variants
 # (w1-*, -z0/-z1/-z3, bf16 — 10x+ slower on a CPU without native bf16) with a shorter --iters
 DEFAULT_VARIANTS = "plain,w2-fp32-z2"
@@ -97,7 +101,7 @@ def run_plain(name: str, iters: int, train: np.ndarray, out: pathlib.Path) -> di
     model = build_causal_lm(MODEL, VOCAB, SEQ, SEED)
     model.train()
     optim = optim_section(iters)
-    opt = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+    opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
                             weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, iters))
     rng = np.random.default_rng(SEED)
@@ -197,7 +201,7 @@ def write_report(path: str, args, results: dict, variants: list[str], meta: dict
     for r in results.values():
         if base and "error" not in r:
             r["ratio_vs_plain"] = r["tokens_per_s"] / results[base]["tokens_per_s"]
-    report = {"iters": args.iters, "global_batch": BATCH, "seq_len": SEQ, "vocab": VOCAB, **meta,
+    report = {"iters": args.iters, "global_batch": BATCH, "seq_len": SEQ, "vocab": VOCAB, "family": MODEL.family, **meta,
               "baseline": base, "lmjobs_log_every": args.log_every,
               "note": "byte-level vocab of 257 on both sides; nanoGPT uses 65 characters. load_avg_1m: the "
                       "machine's 1-minute load average before and after each variant (2 cores).",
@@ -214,7 +218,11 @@ def main() -> int:
     parser.add_argument("--log-every", type=int, default=100, help="lmjobs train.log_every (default 100)")
     parser.add_argument("--variant-timeout", type=int, default=900, help="seconds per lmjobs variant (default 900)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b1.json"))
+    parser.add_argument("--family", choices=["llama", "gpt2"], default="llama",
+                        help="model family of both sides (default llama; gpt2 is nanoGPT's own architecture)")
     args = parser.parse_args()
+    global MODEL
+    MODEL = MODEL.model_copy(update={"family": args.family})
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if not re.fullmatch(r"plain(-t1)?(-blocks)?|w[12]-(fp32|bf16)-z[0-3]", v):

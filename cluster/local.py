@@ -56,8 +56,27 @@ def _ray_bin() -> str:
     return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
+def _autoscaling_config(path: str, port: int) -> str:
+    """The cluster config handed to `ray start --autoscaling-config`, staged in the state dir; a
+    fake_multinode provider is pointed at this head's GCS port."""
+    import yaml
+
+    src = pathlib.Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"--autoscaling-config {path}: no such file")
+    config = yaml.safe_load(src.read_text())
+    provider = config.get("provider") or {}
+    if provider.get("type") == "fake_multinode":
+        provider["gcs_address"] = f"{LOOPBACK}:{port}"
+    staged = state_dir() / "autoscaling-config.yaml"
+    storage.write_text(str(staged), yaml.safe_dump(config, sort_keys=False))
+    return str(staged)
+
+
 def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265,
-       temp_dir: str = "/tmp/lmjobs-ray") -> LocalCluster:
+       temp_dir: str = "/tmp/lmjobs-ray", autoscaling_config: str | None = None) -> LocalCluster:
+    """Start the head.  autoscaling_config: a Ray cluster config whose autoscaler runs in the
+    head (e.g. infra/local/fake-autoscaling.yaml: Ray's fake multi-node provider)."""
     ensure_token_auth()
     existing = LocalCluster.load()
     if existing and _processes(existing):
@@ -67,8 +86,13 @@ def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265
     cmd = [_ray_bin(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={port}",
            f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
            f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    # jobs submitted to this cluster run `python ...`: make that this environment's interpreter
+    env = {**os.environ, "PATH": os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    if autoscaling_config:
+        cmd.append(f"--autoscaling-config={_autoscaling_config(autoscaling_config, port)}")
+        env["RAY_FAKE_CLUSTER"] = "1"  # read only by the fake_multinode provider
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=env)
     cluster = LocalCluster(gcs_address=f"{LOOPBACK}:{port}",
                            dashboard_url=f"http://{LOOPBACK}:{dashboard_port}",
                            temp_dir=temp_dir, pgid=proc.pid, num_cpus=num_cpus,

@@ -21,11 +21,42 @@ class Section(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
 
+class SubmitSection(Section):
+    """How `lmjobs submit` sends the spec to a Ray cluster (ignored when run directly)."""
+
+    entrypoint_num_cpus: float = pydantic.Field(0.0, ge=0)  # the job's driver process
+    entrypoint_num_gpus: float = pydantic.Field(0.0, ge=0)
+    entrypoint_memory_gb: float = pydantic.Field(0.0, ge=0)
+    entrypoint_resources: dict[str, float] = {}  # custom resources the driver's node must have
+    # names of environment variables copied from the submitting shell into the job; their values
+    # never appear in the spec, its logs or lmjobs' output
+    env: list[str] = []
+    max_retries: int = pydantic.Field(0, ge=0, le=20)  # client-side: Ray Jobs never retries
+    retry_backoff_s: float = pydantic.Field(10.0, ge=0)  # wait before the first retry
+    backoff_multiplier: float = pydantic.Field(2.0, ge=1)  # each later wait is this much longer
+    max_upload_mib: float = pydantic.Field(100.0, gt=0)  # working_dir size limit, checked before upload
+    excludes: list[str] = []  # more gitignore-style patterns kept out of the upload
+
+    @pydantic.field_validator("env")
+    @classmethod
+    def _names_only(cls, names: list[str]) -> list[str]:
+        import re
+
+        for n in names:
+            if "=" in n:
+                raise ValueError(f"{n.split('=')[0]}=...: give environment variable names only; values "
+                                 "are read from the submitting shell, never written into the spec")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n):
+                raise ValueError(f"{n!r} is not an environment variable name")
+        return names
+
+
 class JobSpec(Section):
     """Base of every job kind.  Subclasses add one field per component section."""
 
     kind: str
     name: str = pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    submit: SubmitSection = SubmitSection()
 
 
 class SpecError(ValueError):

@@ -117,7 +117,7 @@ def cmd_cluster(args) -> int:
 
     if args.action == "up":
         c = local.up(num_cpus=args.num_cpus, port=args.port, dashboard_port=args.dashboard_port,
-                     temp_dir=args.temp_dir)
+                     temp_dir=args.temp_dir, autoscaling_config=args.autoscaling_config)
         print(f"local Ray cluster up: address {c.gcs_address}, dashboard {c.dashboard_url}, "
               f"{c.num_cpus} CPUs, token auth on (token in ~/.ray/auth_token)")
         print(f"  use it: RAY_ADDRESS={c.gcs_address} lmjobs pretrain SPEC.yaml")
@@ -144,6 +144,75 @@ def cmd_cluster(args) -> int:
         print(f"jobs      {len(info['jobs'])}")
         for j in info["jobs"]:
             print(f"  {j['id']:<28} {j['status']:<10} {j['entrypoint']}")
+    return 0
+
+
+# how each spec kind runs: the CLI words before the spec path
+KIND_COMMANDS = {"pretrain": ["pretrain"], "data_prepare": ["data", "prepare"], "data_ingest": ["data", "ingest"]}
+
+
+def cmd_submit(args) -> int:
+    import pathlib
+
+    import yaml
+
+    from cluster import jobs
+    from cluster.spec import resolved_dict
+
+    from lmjobs.config import KINDS
+
+    spec = load_spec(args.spec, KINDS, args.overrides)  # validated before any cluster work; --address is the Jobs API's
+    data = resolved_dict(spec)
+    root = (data.get("output") or {}).get("root")
+    if isinstance(root, str) and not (root.startswith("s3://") or pathlib.Path(root).expanduser().is_absolute()):
+        raise jobs.JobsError(f"output.root: '{root}' is relative; a submitted job runs in a temporary working "
+                             "dir on the cluster, so give an absolute path on the cluster or s3://BUCKET/PREFIX "
+                             "(a retried job resumes from there)")
+    sub = jobs.Submission(kind=spec.kind, name=spec.name, command=KIND_COMMANDS[spec.kind],
+                          spec_yaml=yaml.safe_dump(data, sort_keys=False), submit=spec.submit,
+                          working_dir=pathlib.Path(args.working_dir).resolve() if args.working_dir else jobs.project_root())
+    job_id, status = jobs.submit(sub, args.address, follow=args.follow, wait_for_end=args.wait)
+    if status is None:
+        print(f"  follow it: lmjobs jobs logs {job_id} --follow    stop it: lmjobs jobs stop {job_id}")
+        return 0
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _when(ts) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def cmd_jobs(args) -> int:
+    from cluster import jobs
+
+    if args.action == "list":
+        rows = jobs.list_jobs(args.address)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'SUBMISSION ID':<44}{'STATUS':<11}{'STARTED':<21}{'DURATION':>9}  ENTRYPOINT")
+        for r in rows:
+            dur = (r["end_time"] or __import__("time").time()) - r["start_time"] if r["start_time"] else 0
+            print(f"{r['id']:<44}{r['status']:<11}{_when(r['start_time']):<21}{dur:>8.0f}s  {r['entrypoint']}")
+        return 0
+    if args.action == "status":
+        info = jobs.status(args.address, args.job_id)
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"{info['id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
+        print(f"  started {_when(info['start_time'])}, ended {_when(info['end_time'])}")
+        print(f"  entrypoint {info['entrypoint']}")
+        return 0 if info["status"] != "FAILED" else 1
+    if args.action == "logs":
+        final = jobs.logs(args.address, args.job_id, args.follow)
+        if final is not None:
+            print(f"[jobs] {args.job_id}: {final}", file=sys.stderr)
+        return 0
+    final = jobs.stop(args.address, args.job_id, args.timeout)
+    print(f"{args.job_id}: {final}")
     return 0
 
 
@@ -183,11 +252,39 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
     up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard / Jobs API port (default 8265)")
     up.add_argument("--temp-dir", default="/tmp/lmjobs-ray", help="Ray temp dir of this cluster")
+    up.add_argument("--autoscaling-config", help="run Ray's autoscaler in the head with this cluster config "
+                    "(e.g. infra/local/fake-autoscaling.yaml: nodes started on this machine)")
     csub.add_parser("down", help="stop the cluster `up` started, and nothing else")
     st = csub.add_parser("status", help="resources, nodes and jobs")
     st.add_argument("--address", help="another cluster's GCS address (default: the local one)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("submit", help="send a job spec to a Ray cluster through the Jobs API (with retries)")
+    _add_spec_args(p)
+    addr_help = "the cluster's dashboard URL, e.g. http://HOST:8265 (default: RAY_API_SERVER_ADDRESS, else the local cluster)"
+    p.add_argument("--address", help=addr_help)
+    p.add_argument("--follow", action="store_true", help="print the job's logs until it ends (every attempt)")
+    p.add_argument("--wait", action="store_true", help="wait for the end; exit 0 only if it SUCCEEDED")
+    p.add_argument("--working-dir", help="directory uploaded as the job's working_dir (default: this checkout)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="submitted jobs on a Ray cluster: list, status, logs, stop")
+    jsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = jsub.add_parser("list", help="every submitted job, oldest first")
+    ls.add_argument("--json", action="store_true")
+    st = jsub.add_parser("status", help="one job's status")
+    st.add_argument("job_id")
+    st.add_argument("--json", action="store_true")
+    lg = jsub.add_parser("logs", help="one job's driver logs")
+    lg.add_argument("job_id")
+    lg.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+    sp = jsub.add_parser("stop", help="stop a job and wait until Ray reports it stopped")
+    sp.add_argument("job_id")
+    sp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    for q in (ls, st, lg, sp):
+        q.add_argument("--address", help=addr_help)
+    p.set_defaults(func=cmd_jobs)
     return parser
 
 

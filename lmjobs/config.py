@@ -22,6 +22,19 @@ class ScalingSection(Section):
     # pipeline and the run hangs (2 workers x 1 CPU on a 2-CPU machine).
     cpus_per_worker: float = Field(0.5, gt=0)
     embedded_num_cpus: int | None = Field(None, ge=1)  # size of an embedded cluster; default all cores
+    # more resources each Train worker needs besides CPU/GPU (e.g. {"accelerator_type:H100": 0.001} or a
+    # node type's custom resource): an autoscaling cluster starts nodes that offer them
+    worker_resources: dict[str, float] = {}
+
+    @pydantic.field_validator("worker_resources")
+    @classmethod
+    def _custom_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        for key, value in resources.items():
+            if key in ("CPU", "GPU"):
+                raise ValueError(f"{key}: set it with scaling.cpus_per_worker / scaling.use_gpu")
+            if value <= 0:
+                raise ValueError(f"{key}: must be > 0 (got {value})")
+        return resources
 
 
 class ModelSection(Section):
@@ -151,6 +164,8 @@ class TrainSection(Section):
     peak_tflops: float | None = Field(None, gt=0)  # per worker, for MFU; None: measured at start
     log_sample_ids: bool = False  # metrics carry every rank's sample ids of each logged step (tests, audits)
     max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint
+    # fault drill: a run that started before this step fails right after it (retry/resume tests)
+    fail_at_step: int | None = Field(None, ge=1)
 
 
 class OutputSection(Section):

@@ -28,6 +28,14 @@ def lr_lambda(optim: OptimSection, total_steps: int):
     return factor
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices (linear and embedding weights), none on biases and
+    norm gains (decaying those only pulls activations' scales toward 0)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
 def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, micro_batch_size: int) -> dict:
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -72,7 +80,7 @@ class DeepSpeedStrategy:
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
         schedule = lr_lambda(self.optim, self.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model=model, model_parameters=param_groups(model, self.optim.weight_decay),
             config=self.config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         return self.engine

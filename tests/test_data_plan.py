@@ -121,3 +121,20 @@ def test_curriculum_stages_switch_sources_and_resume_exactly():
     for rank in range(2):
         two = _mixed_ids(data, _sources(), rank, 2, 4, 1, 0, 60)
         assert two == [i for s in range(60) for i in full[s * 8 + rank * 4:s * 8 + rank * 4 + 4]]
+
+
+def test_raw_text_epochs_after_the_first_shift_block_boundaries():
+    """In-memory raw text: epoch 0 trains on the blocks as cut; each later epoch on windows moved
+    by one seeded offset (wrapping at the stream's end), still one window per block id."""
+    from lmjobs.pretrain.data import epoch_shift
+
+    chunks, seed, flat = memory_chunks(ROWS), 7, BLOCKS.reshape(-1)
+    shifts = {e: epoch_shift(seed, e, SEQ) for e in range(6)}
+    assert shifts[0] == 0 and any(shifts[e] for e in range(1, 6))
+    for visit in plan(chunks, seed, 0, 3 * ROWS):
+        rows, ids = _visit_rows(visit, chunks, seed, {}, BLOCKS, shift_blocks=True)
+        s = shifts[visit["epoch"]]
+        expect = np.stack([np.take(flat, np.arange(r * SEQ + s, (r + 1) * SEQ + s), mode="wrap") for r in rows])
+        assert np.array_equal(ids, expect)
+        plain = _visit_rows(visit, chunks, seed, {}, BLOCKS)
+        assert np.array_equal(rows, plain[0]) and np.array_equal(ids, plain[1]) == (s == 0)

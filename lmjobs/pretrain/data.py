@@ -79,20 +79,35 @@ def rank_rows(stream_positions: np.ndarray, rank: int, world: int, micro: int) -
     return (stream_positions // micro) % world == rank
 
 
-def _visit_rows(visit: dict, chunks: list[dict], seed: int, cfg: dict, memory: np.ndarray | None):
-    """(row index in the source, token ids) of one visit, in stream order."""
-    c = chunks[visit["chunk"]]
-    if memory is not None:
-        ids = memory[c["first_id"]:c["first_id"] + c["rows"]]
-    else:
-        import pyarrow.parquet as pq
+def epoch_shift(seed: int, epoch: int, seq_len: int) -> int:
+    """How far epoch `epoch` moves the block boundaries of a raw-text stream (0 in the first epoch)."""
+    return 0 if epoch == 0 else int(np.random.default_rng([seed, 0x736869667, epoch]).integers(seq_len))
 
-        fs, local = storage.resolve(c["path"], StorageConfig.model_validate(cfg))
-        ids = np.stack(pq.read_table(local, filesystem=fs, columns=["input_ids"]).column("input_ids").to_numpy(
-            zero_copy_only=False))
+
+def _visit_rows(visit: dict, chunks: list[dict], seed: int, cfg: dict, memory: np.ndarray | None,
+                shift_blocks: bool = False):
+    """(row index in the source, token ids) of one visit, in stream order.
+
+    shift_blocks (in-memory raw text only): from the second epoch on, block i is the window that
+    starts epoch_shift(...) tokens after block i's own start (the last one wraps to the start of
+    the stream), so later epochs see new windows, not the first epoch's blocks again."""
+    c = chunks[visit["chunk"]]
     order = np.random.default_rng([seed, visit["epoch"], visit["chunk"]]).permutation(c["rows"])
     order = order[visit["skip"]:visit["skip"] + visit["take"]]
-    return c["first_id"] + order, ids[order]
+    rows = c["first_id"] + order
+    if memory is not None:
+        width = memory.shape[1]
+        shift = epoch_shift(seed, visit["epoch"], width) if shift_blocks else 0
+        if not shift:
+            return rows, memory[rows]
+        flat = memory.reshape(-1)
+        return rows, flat[(rows[:, None] * width + shift + np.arange(width)) % flat.size]
+    import pyarrow.parquet as pq
+
+    fs, local = storage.resolve(c["path"], StorageConfig.model_validate(cfg))
+    ids = np.stack(pq.read_table(local, filesystem=fs, columns=["input_ids"]).column("input_ids").to_numpy(
+        zero_copy_only=False))
+    return rows, ids[order]
 
 
 def source_seed(seed: int, source: int) -> int:
@@ -192,7 +207,8 @@ def read_segment(item: dict, sources: list[dict], seed: int, rank: int, world: i
     sample_ids = np.zeros(len(labels), np.int64)
     token_ids: list = [None] * len(labels)
     for d, (src, visits) in enumerate(zip(sources, item["visits"])):
-        parts = [_visit_rows(v, src["chunks"], source_seed(seed, d), cfg, src.get("memory")) for v in visits]
+        parts = [_visit_rows(v, src["chunks"], source_seed(seed, d), cfg, src.get("memory"),
+                              src.get("shift_blocks", False)) for v in visits]
         if not parts:
             continue
         slots = np.flatnonzero(labels == d)

@@ -72,7 +72,9 @@ def _dataset(spec: PretrainSpec):
             raise ValueError(f"data.mixture: {name} ({uri}) has another tokenizer than {named[0][0]}; "
                              "mix only sources prepared with the same tokenizer")
         tokenizer_json, val = tok, val if val is not None else held_out
-        sources.append({"name": name, "chunks": chunks, "memory": memory, "id_offset": offset})
+        # raw text: later epochs move the block boundaries (packed shards keep their sequences)
+        sources.append({"name": name, "chunks": chunks, "memory": memory, "id_offset": offset,
+                        "shift_blocks": memory is not None})
         offset += sum(c["rows"] for c in chunks)
     return sources, val, tokenizer_json
 
@@ -110,6 +112,25 @@ def resume_step(run_dir: str, cfg) -> int:
     return int(name[len("checkpoint_step"):])
 
 
+def _stats_actor_here() -> None:
+    """Ray Data keeps one detached stats actor per cluster, pinned to the node of whoever first
+    runs a dataset.  Here that would be a Train worker, so an autoscaled worker node would host it
+    and never count as idle (seen: a fake-multinode trainer node kept forever after the job).
+    Create it from the driver, on the driver's node."""
+    from ray.data._internal.stats import get_or_create_stats_actor  # private; ray pinned to 2.60.*
+
+    get_or_create_stats_actor()
+
+
+def _job_env_vars() -> dict:
+    """The env vars of the Ray job this driver runs in (`lmjobs submit`), if any: Ray refuses a
+    driver runtime_env that sets the same keys again."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return ((json.loads(raw).get("runtime_env") or {}).get("env_vars")) or {}
+
+
 def run_root(spec: PretrainSpec) -> str:
     root = spec.output.root
     return root if storage.is_remote(root) else str(pathlib.Path(root).expanduser().resolve())
@@ -123,9 +144,10 @@ def run(spec: PretrainSpec) -> dict:
     root = run_root(spec)
     run_dir = storage.join(root, spec.name)
     cfg = spec.output.storage
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ and k not in _job_env_vars()}
     joined = connect(spec.scaling.address, num_cpus=spec.scaling.embedded_num_cpus,
                      runtime_env={"env_vars": env} if env else None)
+    _stats_actor_here()
     if joined["embedded"]:  # a fixed-size cluster; remote ones may autoscale
         check_cpu_headroom(ray.cluster_resources().get("CPU", 0.0), spec.scaling.num_workers,
                            spec.scaling.cpus_per_worker)
@@ -151,7 +173,7 @@ def run(spec: PretrainSpec) -> dict:
                            "tokenizer_json": tokenizer_json, "has_val": val is not None, "data_start_step": start},
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-            resources_per_worker={"CPU": spec.scaling.cpus_per_worker}),
+            resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **spec.scaling.worker_resources}),
         run_config=ray.train.RunConfig(
             name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),

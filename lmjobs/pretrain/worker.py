@@ -194,6 +194,9 @@ def train(spec: PretrainSpec, batches: Iterable[dict], rank: int, reporter: Repo
             _checkpoint(strategy, objective, state, spec, rank, reporter, metrics, tokenizer_json, vocab_size)
         else:
             reporter.report(metrics, None)
+        if spec.train.fail_at_step == step and start_step < step:
+            raise RuntimeError(f"train.fail_at_step={step}: injected failure (a run resumed from step {step} or "
+                               "later passes this point)")
     if tensorboard:
         tensorboard.close()
     return metrics
