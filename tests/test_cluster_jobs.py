@@ -95,11 +95,14 @@ def test_status_loopback_and_token_auth(head):
 def test_submit_fails_once_retries_and_resumes(head, tmp_path):
     """A job that fails on purpose after its step-8 checkpoint, max_retries 1: the second attempt
     resumes from the first attempt's checkpoint (not step 0) and succeeds; --follow prints both."""
-    env, _, _ = head
+    env, dash, _ = head
+    secret = "never-printed-3f9a7c"  # an env var passed by name: in the job, not in any output
     out = lmjobs("submit", str(TINY), "--follow", "--set", f"output.root={tmp_path}", "--set", "name=retry",
                  "--set", "train.checkpoint_every=4", "--set", "train.fail_at_step=8",
-                 "--set", "submit.max_retries=1", "--set", "submit.retry_backoff_s=1", env=env)
+                 "--set", "submit.max_retries=1", "--set", "submit.retry_backoff_s=1",
+                 "--set", "submit.env=[LMJOBS_TEST_SECRET]", env={**env, "LMJOBS_TEST_SECRET": secret})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert secret not in out.stdout + out.stderr and "LMJOBS_TEST_SECRET (values not shown)" in out.stdout
     first = next(line.split()[1].rstrip(":") for line in out.stdout.splitlines() if "attempt 1" in line)
     group = first[:-len("-a1")]
     assert f"[submit] {group}-a1: FAILED" in out.stdout and f"[submit] {group}-a2: SUCCEEDED" in out.stdout
@@ -115,6 +118,10 @@ def test_submit_fails_once_retries_and_resumes(head, tmp_path):
     listed = {j["id"]: j for j in json.loads(lmjobs("jobs", "list", "--json", env=env).stdout)}
     assert listed[f"{group}-a1"]["status"] == "FAILED" and listed[f"{group}-a2"]["status"] == "SUCCEEDED"
     assert listed[f"{group}-a2"]["metadata"]["lmjobs.attempt"] == "2"
+    from ray.job_submission import JobSubmissionClient
+
+    job_env = JobSubmissionClient(f"http://127.0.0.1:{dash}").get_job_info(f"{group}-a2").runtime_env["env_vars"]
+    assert job_env == {"LMJOBS_TEST_SECRET": secret}
     assert "SUCCEEDED" in lmjobs("jobs", "list", env=env).stdout
     st = lmjobs("jobs", "status", f"{group}-a2", env=env)
     assert st.returncode == 0 and "SUCCEEDED" in st.stdout

@@ -5,6 +5,11 @@ import pandas as pd
 
 from lmjobs.pretrain.data import _visit_rows, memory_chunks, plan, rank_rows
 
+
+def chunks_of(rows: int, size: int = 1024) -> list[dict]:
+    """The corpus as several chunks (like packed shards): plans visit them in a seeded order."""
+    return [{"path": "", "rows": min(size, rows - s), "first_id": s} for s in range(0, rows, size)]
+
 ROWS, SEQ = 2500, 4
 BLOCKS = np.arange(ROWS * SEQ, dtype=np.int32).reshape(ROWS, SEQ)
 
@@ -20,7 +25,7 @@ def _read_visit(visit: dict, chunks: list[dict], seed: int, rank: int, world: in
 
 def _rank_ids(rank, world, micro, accum, start_step, num_steps, seed=7):
     """The sample ids rank `rank` trains on, in order, as the workers' datasets deliver them."""
-    chunks = memory_chunks(ROWS)
+    chunks = chunks_of(ROWS)
     g = micro * accum * world
     ids = []
     for visit in plan(chunks, seed, start_step * g, num_steps * g):
@@ -66,8 +71,8 @@ SMALL = np.arange(700 * SEQ, dtype=np.int32).reshape(700, SEQ) + 10**6  # a seco
 
 
 def _sources():
-    return [{"name": "big", "chunks": memory_chunks(ROWS), "memory": BLOCKS, "id_offset": 0},
-            {"name": "small", "chunks": memory_chunks(700), "memory": SMALL, "id_offset": ROWS}]
+    return [{"name": "big", "chunks": chunks_of(ROWS), "memory": BLOCKS, "id_offset": 0},
+            {"name": "small", "chunks": chunks_of(700, 256), "memory": SMALL, "id_offset": ROWS}]
 
 
 def _mixed_ids(data: DataSection, sources, rank, world, micro, accum, start_step, num_steps, per_segment=5):
@@ -123,18 +128,28 @@ def test_curriculum_stages_switch_sources_and_resume_exactly():
         assert two == [i for s in range(60) for i in full[s * 8 + rank * 4:s * 8 + rank * 4 + 4]]
 
 
-def test_raw_text_epochs_after_the_first_shift_block_boundaries():
-    """In-memory raw text: epoch 0 trains on the blocks as cut; each later epoch on windows moved
-    by one seeded offset (wrapping at the stream's end), still one window per block id."""
-    from lmjobs.pretrain.data import epoch_shift
-
-    chunks, seed, flat = memory_chunks(ROWS), 7, BLOCKS.reshape(-1)
-    shifts = {e: epoch_shift(seed, e, SEQ) for e in range(6)}
-    assert shifts[0] == 0 and any(shifts[e] for e in range(1, 6))
-    for visit in plan(chunks, seed, 0, 3 * ROWS):
+def test_raw_text_blocks_are_windows_at_seeded_offsets():
+    """In-memory raw text: each epoch trains block i on a window starting 0..L-1 tokens after the
+    block's own start (wrapping at the stream's end), drawn per epoch and block: the same ids as
+    the aligned blocks, reproducible, and at every alignment."""
+    chunks, seed, flat = chunks_of(ROWS), 7, BLOCKS.reshape(-1)
+    offsets = {0: [], 1: []}
+    for visit in plan(chunks, seed, 0, 2 * ROWS):
         rows, ids = _visit_rows(visit, chunks, seed, {}, BLOCKS, shift_blocks=True)
-        s = shifts[visit["epoch"]]
-        expect = np.stack([np.take(flat, np.arange(r * SEQ + s, (r + 1) * SEQ + s), mode="wrap") for r in rows])
-        assert np.array_equal(ids, expect)
-        plain = _visit_rows(visit, chunks, seed, {}, BLOCKS)
-        assert np.array_equal(rows, plain[0]) and np.array_equal(ids, plain[1]) == (s == 0)
+        again = _visit_rows(visit, chunks, seed, {}, BLOCKS, shift_blocks=True)
+        aligned = _visit_rows(visit, chunks, seed, {}, BLOCKS)
+        assert np.array_equal(rows, aligned[0]) and np.array_equal(ids, again[1])
+        shift = (ids[:, 0].astype(np.int64) - rows * SEQ) % flat.size  # BLOCKS holds each token's position
+        assert np.all(shift < SEQ)
+        assert np.array_equal(ids, flat[(rows[:, None] * SEQ + shift[:, None] + np.arange(SEQ)) % flat.size])
+        offsets[visit["epoch"]] += list(zip(rows.tolist(), shift.tolist()))
+    for epoch in (0, 1):
+        assert set(s for _, s in offsets[epoch]) == set(range(SEQ))  # every alignment
+    assert dict(offsets[0]) != dict(offsets[1])  # drawn afresh each epoch
+
+
+def test_in_memory_text_is_one_chunk_shuffled_as_a_whole():
+    """Raw text fits in memory: one chunk, so a step's blocks come from all over the corpus."""
+    assert memory_chunks(15_685) == [{"path": "", "rows": 15_685, "first_id": 0}]
+    rows, _ = _visit_rows(plan(memory_chunks(ROWS), 7, 0, 12)[0], memory_chunks(ROWS), 7, {}, BLOCKS)
+    assert rows.max() - rows.min() > ROWS // 2  # 12 blocks of one step spread over the corpus

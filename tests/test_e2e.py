@@ -1,4 +1,5 @@
-"""End-to-end: the CLI and the demo as a user runs them, on the session's Ray cluster (slow)."""
+"""End-to-end: the demo as a user runs it, on the session's Ray cluster (slow).  The pretrain CLI
+on a running cluster: tests/test_pretrain.py (driver kill); submit / jobs: tests/test_cluster_jobs.py."""
 import json
 import os
 import subprocess
@@ -8,27 +9,12 @@ import pytest
 
 from tests.conftest import REPO
 
-TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"
 
 
 def run(args, timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=env,
                           timeout=timeout)
-
-
-@pytest.mark.slow
-def test_cli_pretrain_on_running_cluster(ray_cluster, tmp_path):
-    out = run(["-m", "lmjobs.cli", "pretrain", str(TINY), "--address", ray_cluster,
-               "--set", f"output.root={tmp_path}", "--set", "name=cli-run"])
-    assert out.returncode == 0, out.stderr[-3000:]
-    run_dir = tmp_path / "cli-run"
-    assert f"run directory : {run_dir}" in out.stdout
-    assert f"checkpoint    : {run_dir}/checkpoint_step0000012" in out.stdout
-    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1]["step"] == 12 and steps[-1]["loss"] < steps[0]["loss"]
-    resolved = (run_dir / "resolved_config.yaml").read_text()
-    assert f"address: {ray_cluster}" in resolved and "zero_stage: 2" in resolved
 
 
 @pytest.mark.slow

@@ -225,6 +225,10 @@ def test_driver_killed_rerun_resumes_from_last_checkpoint(ray_cluster, s3_bucket
     assert resumed[0]["step"] == resumed[0]["start_step"] + 1
     assert [m["step"] for m in after] == list(range(1, 31))  # each step logged once, none lost
     assert storage.exists(storage.join(run_dir, "checkpoint_step0000030", "train_state.json"), cfg)
+    # the CLI says where results are, and the run dir records the resolved config it ran with
+    assert f"run directory : {run_dir}" in done.stdout and "checkpoint_step0000030" in done.stdout
+    resolved = storage.read_text(storage.join(run_dir, "resolved_config.yaml"), cfg)
+    assert f"address: {ray_cluster}" in resolved and "zero_stage: 2" in resolved
 
 
 @pytest.mark.ray

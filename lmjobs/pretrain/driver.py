@@ -154,6 +154,11 @@ def run(spec: PretrainSpec) -> dict:
     storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
                        yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
 
+    # every dataset here executes inside the Train workers for the whole run; a progress bar
+    # there (the held-out set's) redraws into the driver's log until the run ends
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
     sources, val, tokenizer_json = _dataset(spec)
     if spec.model.objective != "causal_lm":
         tokenizer_json = objectives.with_specials(tokenizer_json)  # [MASK] [CLS] [SEP] [PAD]

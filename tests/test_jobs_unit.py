@@ -1,0 +1,57 @@
+"""`lmjobs submit` checks that need no cluster: what gets uploaded, its size limit, env by
+reference, and specs a submitted job could not run."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cluster import jobs
+from cluster.spec import SpecError, SubmitSection, load_spec
+from lmjobs.config import KINDS
+from tests.conftest import REPO
+
+TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"
+
+
+def test_upload_leaves_out_git_data_outputs_and_gitignored(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "code.py").write_text("x = 1\n")
+    for d in (".git", "data", "outputs", "runs", "scratch"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "big.bin").write_bytes(b"\0" * 4096)
+    (tmp_path / ".gitignore").write_text("scratch/\n")
+    files = dict(jobs.upload_files(tmp_path, jobs.ALWAYS_EXCLUDED))
+    assert set(files) == {"pkg/code.py", ".gitignore"}
+
+
+def test_upload_over_the_limit_is_refused_naming_the_biggest_folder(tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.bin").write_bytes(os.urandom(3 * 2**20))
+    (tmp_path / "code.py").write_text("x = 1\n")
+    with pytest.raises(jobs.JobsError) as err:
+        jobs.check_upload_size(tmp_path, jobs.ALWAYS_EXCLUDED, max_mib=2)
+    assert "submit.max_upload_mib" in str(err.value) and "weights (3.0 MiB)" in str(err.value)
+    assert jobs.check_upload_size(tmp_path, jobs.ALWAYS_EXCLUDED + ["weights/"], max_mib=2) < 2**20
+    # this checkout as it is uploaded: code, tests, docs — far below the default limit
+    assert jobs.check_upload_size(REPO, jobs.ALWAYS_EXCLUDED, SubmitSection().max_upload_mib) < 5 * 2**20
+
+
+def test_env_by_reference(monkeypatch):
+    with pytest.raises(SpecError, match="give environment variable names only"):
+        load_spec(TINY, KINDS, ["submit.env=[HF_TOKEN=hf_abc]"])
+    spec = load_spec(TINY, KINDS, ["submit.env=[LMJOBS_T_SECRET]"])
+    monkeypatch.delenv("LMJOBS_T_SECRET", raising=False)
+    with pytest.raises(jobs.JobsError, match="LMJOBS_T_SECRET not set"):
+        jobs.job_env(spec.submit)
+    monkeypatch.setenv("LMJOBS_T_SECRET", "value-1")
+    assert jobs.job_env(spec.submit) == {"LMJOBS_T_SECRET": "value-1"}
+
+
+def test_submit_refuses_relative_output_root_before_any_cluster_work():
+    out = subprocess.run([sys.executable, "-m", "lmjobs.cli", "submit", str(TINY), "--address", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 1 and "output.root: 'runs' is relative" in out.stderr
+    bad = subprocess.run([sys.executable, "-m", "lmjobs.cli", "submit", str(TINY), "--set", "submit.max_retries=-1"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "submit.max_retries" in bad.stderr
