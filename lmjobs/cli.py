@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from cluster.spec import SpecError, load_spec
 
@@ -179,8 +180,6 @@ def cmd_submit(args) -> int:
 
 
 def _when(ts) -> str:
-    import time
-
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
@@ -193,8 +192,9 @@ def cmd_jobs(args) -> int:
             print(json.dumps(rows, indent=2))
             return 0
         print(f"{'SUBMISSION ID':<44}{'STATUS':<11}{'STARTED':<21}{'DURATION':>9}  ENTRYPOINT")
+        now = time.time()
         for r in rows:
-            dur = (r["end_time"] or __import__("time").time()) - r["start_time"] if r["start_time"] else 0
+            dur = (r["end_time"] or now) - r["start_time"] if r["start_time"] else 0
             print(f"{r['id']:<44}{r['status']:<11}{_when(r['start_time']):<21}{dur:>8.0f}s  {r['entrypoint']}")
         return 0
     if args.action == "status":
