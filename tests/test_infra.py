@@ -241,6 +241,18 @@ def test_terraform_matches_cluster_yaml(tf):
         assert arn.endswith(f":instance-profile/{want}"), (name, arn)
 
 
+def copy_terraform(tmp_path):
+    for f in TERRAFORM.glob("*.tf"):
+        shutil.copy(f, tmp_path)
+
+
+def broken_terraform(tmp_path, old: str, new: str) -> dict:
+    """The Terraform files, copied, with `old` replaced by `new` in main.tf; parsed."""
+    copy_terraform(tmp_path)
+    broken_copy(tmp_path, TERRAFORM / "main.tf", old, new)
+    return ic.load_terraform(tmp_path)
+
+
 @pytest.mark.parametrize("old, new, problem", [
     ("block_public_acls       = true", "block_public_acls       = false", "public access block"),
     ("restrict_public_buckets = true", "restrict_public_buckets = false", "public access block"),
@@ -251,16 +263,12 @@ def test_terraform_matches_cluster_yaml(tf):
     ('values   = ["false"]', 'values   = ["true"]', "denying requests without TLS"),
 ])
 def test_terraform_bucket_rules_fail_on_broken_copies(tmp_path, old, new, problem):
-    for f in TERRAFORM.glob("*.tf"):
-        shutil.copy(f, tmp_path)
-    broken_copy(tmp_path, TERRAFORM / "main.tf", old, new)
-    problems = ic.bucket_problems(ic.load_terraform(tmp_path))
+    problems = ic.bucket_problems(broken_terraform(tmp_path, old, new))
     assert any(problem in p for p in problems), problems
 
 
 def test_terraform_public_acl_resource_fails(tmp_path):
-    for f in TERRAFORM.glob("*.tf"):
-        shutil.copy(f, tmp_path)
+    copy_terraform(tmp_path)
     (tmp_path / "public.tf").write_text(
         'resource "aws_s3_bucket_acl" "open" {\n  bucket = aws_s3_bucket.store.id\n  acl    = "public-read"\n}\n')
     assert any("aws_s3_bucket_acl grants access" in p for p in ic.bucket_problems(ic.load_terraform(tmp_path)))
@@ -275,10 +283,7 @@ def test_terraform_public_acl_resource_fails(tmp_path):
     ('identifiers = ["ec2.amazonaws.com"]', 'identifiers = ["lambda.amazonaws.com"]', "assumable by ec2"),
 ])
 def test_terraform_iam_rules_fail_on_broken_copies(tmp_path, old, new, problem):
-    for f in TERRAFORM.glob("*.tf"):
-        shutil.copy(f, tmp_path)
-    broken_copy(tmp_path, TERRAFORM / "main.tf", old, new)
-    problems = ic.iam_problems(ic.load_terraform(tmp_path))
+    problems = ic.iam_problems(broken_terraform(tmp_path, old, new))
     assert any(problem in p for p in problems), problems
 
 
