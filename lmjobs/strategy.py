@@ -89,11 +89,12 @@ class DeepSpeedStrategy:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def forward_backward(self, batch: dict, loss_fn=None) -> tuple[torch.Tensor, dict]:
+    def forward_backward(self, batch: dict, loss_fn=None, forward=None) -> tuple[torch.Tensor, dict]:
         """One micro step; returns the unscaled loss (detached) and the loss function's figures.
-        loss_fn(outputs, batch) -> (loss, figures); default: the model's own loss."""
+        loss_fn(outputs, batch) -> (loss, figures); default: the model's own loss.
+        forward(engine, batch) -> outputs: a task's own forward (e.g. adversarial); default engine(**batch)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        outputs = self.engine(**batch)
+        outputs = forward(self.engine, batch) if forward else self.engine(**batch)
         loss, figures = loss_fn(outputs, batch) if loss_fn else (outputs.loss, {})
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed only steps the optimizer at accumulation boundaries
@@ -117,6 +118,11 @@ class DeepSpeedStrategy:
                 yield self.engine.module
         else:
             yield self.engine.module
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model inside the engine (ZeRO-0/1/2: whole on every rank)."""
+        return self.engine.module
 
     @torch.no_grad()
     def forward_eval(self, batch: dict):

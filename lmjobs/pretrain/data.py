@@ -82,9 +82,10 @@ def rank_rows(stream_positions: np.ndarray, rank: int, world: int, micro: int) -
     return (stream_positions // micro) % world == rank
 
 
-def _visit_rows(visit: dict, chunks: list[dict], seed: int, cfg: dict, memory: np.ndarray | None,
+def _visit_rows(visit: dict, chunks: list[dict], seed: int, cfg: dict, memory: np.ndarray | dict | None,
                 shift_blocks: bool = False):
-    """(row index in the source, token ids) of one visit, in stream order.
+    """(row index in the source, token ids) of one visit, in stream order; for in-memory labelled
+    features (a dict of equally long arrays), (row index, {column: rows of that column}).
 
     shift_blocks (in-memory raw text only): block i of an epoch is the window that starts a seeded
     0..L-1 tokens after block i's own start (one draw per epoch and block; the last block wraps to
@@ -94,6 +95,8 @@ def _visit_rows(visit: dict, chunks: list[dict], seed: int, cfg: dict, memory: n
     order = np.random.default_rng([seed, visit["epoch"], visit["chunk"]]).permutation(c["rows"])
     order = order[visit["skip"]:visit["skip"] + visit["take"]]
     rows = c["first_id"] + order
+    if isinstance(memory, dict):  # labelled features: one array per column, a row per example
+        return rows, {name: column[rows] for name, column in memory.items()}
     if memory is not None:
         width = memory.shape[1]
         if not shift_blocks:
@@ -174,12 +177,13 @@ class IdleBackoff(_idle_backoff_base()):
 
 
 def rank_dataset(sources: list[dict], weights_at, seed: int, rank: int, world: int, micro: int, start_step: int,
-                 num_steps: int, accum: int, cfg: StorageConfig | None, num_cpus: float = 0.25):
+                 num_steps: int, accum: int, cfg: StorageConfig | None, num_cpus: float = 0.25,
+                 group_by_length: int = 0):
     """Rank `rank`'s rows for steps [start_step, start_step + num_steps), in training order.
 
     sources: [{chunks, memory (in-memory blocks or None), id_offset}], one per mixed source;
     weights_at(step) -> numpy weights.  num_cpus: each read task's CPU request (it must fit in
-    what the Train workers leave free)."""
+    what the Train workers leave free).  group_by_length: see read_segment."""
     import ray.data
 
     global_batch = micro * accum * world
@@ -197,27 +201,44 @@ def rank_dataset(sources: list[dict], weights_at, seed: int, rank: int, world: i
     return (ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 64)))
             .map_batches(_read_segments, batch_size=1, batch_format="pandas", num_cpus=num_cpus,
                          fn_kwargs={"sources": sources, "seed": seed, "rank": rank, "world": world, "micro": micro,
-                                    "cfg": (cfg or StorageConfig()).model_dump()}))
+                                    "cfg": (cfg or StorageConfig()).model_dump(), "group_by_length": group_by_length}))
 
 
 def read_segment(item: dict, sources: list[dict], seed: int, rank: int, world: int, micro: int,
-                 cfg: dict) -> pd.DataFrame:
-    """Rank `rank`'s rows of one segment, in stream order."""
+                 cfg: dict, group_by_length: int = 0) -> pd.DataFrame:
+    """Rank `rank`'s rows of one segment, in stream order: sample_id plus the sources' columns
+    (`input_ids` for token blocks; every column of in-memory labelled features).
+
+    group_by_length > 0 (features with a `length` column): inside each run of that many of the
+    rank's micro-batches the rows are sorted by length, so a micro-batch holds rows of similar
+    length and padding costs little; still a pure function of (sources, seed, step)."""
     labels = np.asarray(item["labels"])
     sample_ids = np.zeros(len(labels), np.int64)
-    token_ids: list = [None] * len(labels)
+    columns: dict[str, list] = {}
     for d, (src, visits) in enumerate(zip(sources, item["visits"])):
         parts = [_visit_rows(v, src["chunks"], source_seed(seed, d), cfg, src.get("memory"),
                               src.get("shift_blocks", False)) for v in visits]
         if not parts:
             continue
-        slots = np.flatnonzero(labels == d)
-        sample_ids[slots] = src.get("id_offset", 0) + np.concatenate([p[0] for p in parts])
-        for slot, row in zip(slots, (r for p in parts for r in p[1])):
-            token_ids[slot] = row
+        slots = iter(np.flatnonzero(labels == d))
+        sample_ids[labels == d] = src.get("id_offset", 0) + np.concatenate([p[0] for p in parts])
+        for rows, values in parts:
+            values = values if isinstance(values, dict) else {"input_ids": values}
+            for k, slot in zip(range(len(rows)), slots):
+                for name, column in values.items():
+                    columns.setdefault(name, [None] * len(labels))[slot] = column[k]
     mine = np.flatnonzero(rank_rows(item["start_row"] + np.arange(len(labels)), rank, world, micro))
-    return pd.DataFrame({"sample_id": sample_ids[mine],
-                         "input_ids": [np.asarray(token_ids[i], dtype=np.int32) for i in mine]})
+    if group_by_length and "length" in columns:
+        width = micro * group_by_length
+        lengths = np.asarray([columns["length"][i] for i in mine])
+        mine = np.concatenate([mine[lo:lo + width][np.argsort(lengths[lo:lo + width], kind="stable")]
+                               for lo in range(0, len(mine), width)] or [mine])
+    frame = {"sample_id": sample_ids[mine]}
+    for name, values in columns.items():
+        frame[name] = [values[i] for i in mine]
+    if "input_ids" in frame:
+        frame["input_ids"] = [np.asarray(v, dtype=np.int32) for v in frame["input_ids"]]
+    return pd.DataFrame(frame)
 
 
 def _read_segments(batch: pd.DataFrame, **kwargs) -> pd.DataFrame:

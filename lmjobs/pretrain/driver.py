@@ -14,7 +14,7 @@ from cluster.spec import resolved_dict
 from data_pipelines.prepare import load_packed
 from data_pipelines.text import blocks_dataset, byte_blocks, read_texts
 from data_pipelines.tokenizer import byte_level
-from lmjobs.config import PretrainSpec
+from lmjobs.config import PretrainSpec, TrainJobSpec
 from lmjobs.pretrain import objectives
 from lmjobs.pretrain.data import file_chunks, memory_chunks, rank_dataset
 from lmjobs.plots import loss_curve
@@ -131,19 +131,17 @@ def _job_env_vars() -> dict:
     return ((json.loads(raw).get("runtime_env") or {}).get("env_vars")) or {}
 
 
-def run_root(spec: PretrainSpec) -> str:
+def run_root(spec: TrainJobSpec) -> str:
     root = spec.output.root
     return root if storage.is_remote(root) else str(pathlib.Path(root).expanduser().resolve())
 
 
-def run(spec: PretrainSpec) -> dict:
+def start(spec: TrainJobSpec, run_dir: str) -> None:
+    """Join (or start) the Ray cluster, check CPU headroom, save the resolved config: before any
+    data work of a training job."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    import ray.data
 
-    root = run_root(spec)
-    run_dir = storage.join(root, spec.name)
-    cfg = spec.output.storage
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ and k not in _job_env_vars()}
     joined = connect(spec.scaling.address, num_cpus=spec.scaling.embedded_num_cpus,
                      runtime_env={"env_vars": env} if env else None)
@@ -152,30 +150,21 @@ def run(spec: PretrainSpec) -> dict:
         check_cpu_headroom(ray.cluster_resources().get("CPU", 0.0), spec.scaling.num_workers,
                            spec.scaling.cpus_per_worker)
     storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
-                       yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
-
+                       yaml.safe_dump(resolved_dict(spec), sort_keys=False), spec.output.storage)
     # every dataset here executes inside the Train workers for the whole run; a progress bar
     # there (the held-out set's) redraws into the driver's log until the run ends
-    import ray.data
-
     ray.data.DataContext.get_current().enable_progress_bars = False
-    sources, val, tokenizer_json = _dataset(spec)
-    if spec.model.objective != "causal_lm":
-        tokenizer_json = objectives.with_specials(tokenizer_json)  # [MASK] [CLS] [SEP] [PAD]
-    vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
-    num_blocks = sum(c["rows"] for src in sources for c in src["chunks"])
-    start = min(resume_step(run_dir, cfg), spec.train.steps)
-    world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
-    weights_at = _weights(spec)
-    train_sets = {f"train_{rank}": rank_dataset(sources, weights_at, spec.train.seed, rank, world, micro, start,
-                                                spec.train.steps - start, accum, cfg, DATA_TASK_CPUS)
-                  for rank in range(world)}
 
-    storage_path, filesystem = storage.train_storage(root, cfg)
+
+def fit(spec: TrainJobSpec, loop, loop_config: dict, datasets: dict):
+    """One TorchTrainer run of `loop` (checkpoints in ROOT/NAME, restarts from the last one);
+    returns Ray Train's result.  Every rank's datasets are its own: Ray splits nothing."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage_path, filesystem = storage.train_storage(run_root(spec), spec.output.storage)
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": resolved_dict(spec), "run_dir": run_dir, "vocab_size": vocab_size,
-                           "tokenizer_json": tokenizer_json, "has_val": val is not None, "data_start_step": start},
+        loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
             resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **spec.scaling.worker_resources}),
@@ -183,20 +172,51 @@ def run(spec: PretrainSpec) -> dict:
             name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures)),
-        # one dataset a rank, in the deterministic order of lmjobs.pretrain.data; every worker
-        # reads the held-out set from its start; Ray splits nothing
-        datasets={**train_sets, **({"val": val} if val is not None else {})},
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    metrics_uri = storage.join(run_dir, "metrics.jsonl")
-    history = [json.loads(line) for line in storage.read_text(metrics_uri, cfg).splitlines() if line]
-    plot = loss_curve(history, storage.join(run_dir, "loss.png"), f"{spec.name}: pre-training loss", cfg)
+    return result
+
+
+def checkpoint_uri(spec: TrainJobSpec, result) -> str | None:
     checkpoint = result.checkpoint.path if result.checkpoint else None
-    if checkpoint and storage.is_remote(root):
+    if checkpoint and storage.is_remote(run_root(spec)):
         checkpoint = "s3://" + checkpoint
-    return {"run_dir": run_dir, "checkpoint": checkpoint, "metrics": metrics_uri, "loss_plot": plot,
-            "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
-            "num_blocks": num_blocks, "steps": history[-1]["step"]}
+    return checkpoint
+
+
+def history(run_dir: str, cfg) -> list[dict]:
+    text = storage.read_text(storage.join(run_dir, "metrics.jsonl"), cfg)
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def run(spec: PretrainSpec) -> dict:
+    root = run_root(spec)
+    run_dir = storage.join(root, spec.name)
+    cfg = spec.output.storage
+    start(spec, run_dir)
+    sources, val, tokenizer_json = _dataset(spec)
+    if spec.model.objective != "causal_lm":
+        tokenizer_json = objectives.with_specials(tokenizer_json)  # [MASK] [CLS] [SEP] [PAD]
+    vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+    num_blocks = sum(c["rows"] for src in sources for c in src["chunks"])
+    first = min(resume_step(run_dir, cfg), spec.train.steps)
+    world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
+    weights_at = _weights(spec)
+    train_sets = {f"train_{rank}": rank_dataset(sources, weights_at, spec.train.seed, rank, world, micro, first,
+                                                spec.train.steps - first, accum, cfg, DATA_TASK_CPUS)
+                  for rank in range(world)}
+    # one dataset a rank, in the deterministic order of lmjobs.pretrain.data; every worker
+    # reads the held-out set from its start
+    result = fit(spec, train_loop_per_worker,
+                 {"spec": resolved_dict(spec), "run_dir": run_dir, "vocab_size": vocab_size,
+                  "tokenizer_json": tokenizer_json, "has_val": val is not None, "data_start_step": first},
+                 {**train_sets, **({"val": val} if val is not None else {})})
+    steps = history(run_dir, cfg)
+    plot = loss_curve(steps, storage.join(run_dir, "loss.png"), f"{spec.name}: pre-training loss", cfg)
+    return {"run_dir": run_dir, "checkpoint": checkpoint_uri(spec, result),
+            "metrics": storage.join(run_dir, "metrics.jsonl"), "loss_plot": plot,
+            "first_loss": steps[0]["loss"], "final_loss": steps[-1]["loss"],
+            "num_blocks": num_blocks, "steps": steps[-1]["step"]}

@@ -1,0 +1,1 @@
+"""`lmjobs finetune`: SFT, classification, token classification and extractive QA on the shared loop."""

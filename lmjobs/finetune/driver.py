@@ -1,0 +1,207 @@
+"""Driver of `lmjobs finetune`: labelled data -> features, the shared Ray Train + DeepSpeed loop,
+then the run directory's report (eval.json, report.md, learning curves, confusion matrix)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from cluster import storage
+from cluster.spec import resolved_dict
+from lmjobs.finetune import base, features
+from lmjobs.config import FinetuneSpec
+from lmjobs.finetune.worker import train_loop_per_worker
+from lmjobs.plots import confusion, loss_curve, metric_curve
+from lmjobs.pretrain import driver as train_driver
+from lmjobs.pretrain.data import memory_chunks, rank_dataset
+
+HEADLINE = {"classification": "val_accuracy", "tokens": "val_f1", "qa": "val_f1", "sft": "val_loss"}
+
+
+class DataError(ValueError):
+    """Labelled data a fine-tune cannot use; the message names the file and the row."""
+
+
+def _manifest(source: str, cfg) -> tuple[str, dict]:
+    uri = source if source.endswith("manifest.json") else storage.join(source, "manifest.json")
+    if not storage.exists(uri, cfg):
+        raise FileNotFoundError(f"data.source {source}: no manifest.json; give the directory `lmjobs data ingest` "
+                                "wrote (e.g. data/sst2)")
+    return uri.rsplit("/", 1)[0], json.loads(storage.read_text(uri, cfg))
+
+
+def _rows(directory: str, manifest: dict, split: str, cfg) -> tuple[str, list[dict]]:
+    if split not in manifest["splits"]:
+        raise DataError(f"{directory}: no split '{split}' (splits: {', '.join(manifest['splits'])})")
+    uri = storage.join(directory, manifest["splits"][split]["file"])
+    fs, path = storage.resolve(uri, cfg)
+    return uri, pq.read_table(path, filesystem=fs).to_pylist()
+
+
+def check_rows(rows: list[dict], task: str, labels: list[str] | None, uri: str) -> None:
+    """What the features need, row by row: a bad row is an error naming the file and the row."""
+    known = set(labels or [])
+    for i, row in enumerate(rows):
+        where = f"{uri}: row {i}"
+        if task == "classification":
+            texts = [row.get(k) for k in (("text_a", "text_b") if "text_a" in row else ("text",))]
+            if any(not isinstance(t, str) or not t.strip() for t in texts):
+                raise DataError(f"{where}: empty text")
+            if row["label"] not in known:
+                raise DataError(f"{where}: label {row['label']!r} is not in the label set {sorted(known)}")
+        elif task == "tokens":
+            unknown = sorted(set(row["tags"]) - known)
+            if unknown:
+                raise DataError(f"{where}: tags {unknown} are not in the tag set {sorted(known)}")
+        elif task == "qa":
+            for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"]):
+                if row["context"][start:start + len(text)] != text:
+                    raise DataError(f"{where}: answer {text!r} is not inside its context at answer_start {start}")
+
+
+def _split_eval(rows: list[dict], task: str, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out `fraction` of the rows; QA holds out whole contexts (paragraph-disjoint)."""
+    key = (lambda r: r["context"]) if task == "qa" else (lambda r: id(r))
+    groups = list(dict.fromkeys(key(r) for r in rows))
+    order = np.random.default_rng([seed, 0x65766C]).permutation(len(groups))
+    held = {groups[i] for i in order[:max(1, int(round(fraction * len(groups))))]}
+    return [r for r in rows if key(r) not in held], [r for r in rows if key(r) in held]
+
+
+def _subset(rows: list[dict], limit: int | None, seed: int, salt: int) -> list[dict]:
+    if limit is None or limit >= len(rows):
+        return rows
+    picks = np.sort(np.random.default_rng([seed, salt]).permutation(len(rows))[:limit])
+    return [rows[i] for i in picks]
+
+
+def build_features(task: str, rows: list[dict], tokenizer, labels, data) -> tuple[dict, dict]:
+    """(feature arrays, what evaluation needs besides them)."""
+    if task == "classification":
+        return (features.classification(rows, tokenizer, labels, data.max_seq_len),
+                {"texts": [r.get("text") or f"{r['text_a']} ||| {r['text_b']}" for r in rows]})
+    if task == "tokens":
+        return (features.tokens(rows, tokenizer, labels, data.max_seq_len),
+                {"tags": [r["tags"] for r in rows], "tokens": [r["tokens"] for r in rows]})
+    if task == "qa":
+        feats, windows = features.qa(rows, tokenizer, data.max_seq_len, data.doc_stride)
+        return feats, {"windows": windows, "contexts": {r["id"]: r["context"] for r in rows},
+                       "answers": {r["id"]: list(r["answers"]["text"]) for r in rows}}
+    return features.sft(rows, tokenizer, data.max_seq_len, data.pack), {"prompts": rows}
+
+
+def prepare(spec: FinetuneSpec) -> dict:
+    """Everything before the cluster: data read and checked, base model resolved, features."""
+    cfg = spec.output.storage
+    directory, manifest = _manifest(spec.data.source, cfg)
+    task = "classification" if manifest["task"] == "pair_classification" else manifest["task"]
+    if spec.task is not None and spec.task != task:
+        raise DataError(f"task is {spec.task} but {directory} holds {manifest['task']} data")
+    if spec.adversarial is not None and task == "sft":
+        raise DataError(f"adversarial: not for task sft ({directory} holds sft data)")
+    if task not in base.HEADS:
+        raise DataError(f"{directory}: {manifest['task']} data cannot be fine-tuned on (it is for RLHF)")
+    labels = manifest.get("labels")
+    train_uri, train_rows = _rows(directory, manifest, spec.data.train_split, cfg)
+    check_rows(train_rows, task, labels, train_uri)
+    if spec.data.eval_split is not None:
+        eval_uri, eval_rows = _rows(directory, manifest, spec.data.eval_split, cfg)
+        check_rows(eval_rows, task, labels, eval_uri)
+    elif spec.data.eval_fraction:
+        train_rows, eval_rows = _split_eval(train_rows, task, spec.data.eval_fraction, spec.train.seed)
+    else:
+        eval_rows = []
+    train_rows = _subset(train_rows, spec.data.max_train_examples, spec.train.seed, 1)
+    eval_rows = _subset(eval_rows, spec.data.max_eval_examples, spec.train.seed, 2)
+    base_dir = base.resolve(spec.model.base)
+    tokenizer = base.tokenizer(base_dir)
+    train_features, _ = build_features(task, train_rows, tokenizer, labels, spec.data)
+    train_features["length"] = train_features["attention_mask"].sum(1).astype(np.int32)  # group_by_length
+    num_rows = len(train_features["input_ids"])
+    if num_rows < spec.global_batch_size:
+        raise DataError(f"{train_uri}: {num_rows} training rows, fewer than one global batch ({spec.global_batch_size})")
+    val = None
+    if eval_rows:
+        eval_features, extra = build_features(task, eval_rows, tokenizer, labels, spec.data)
+        val = {"features": eval_features, **extra}
+    steps = spec.train.steps or math.ceil(spec.train.epochs * num_rows / spec.global_batch_size)
+    if spec.optim.warmup_steps >= steps:
+        raise DataError(f"optim.warmup_steps ({spec.optim.warmup_steps}) must be below the run's {steps} steps")
+    info = {"task": task, "labels": labels, "train_rows": num_rows, "examples": len(train_rows),
+            "eval_rows": len(eval_rows), "steps": steps, "dataset": directory}
+    return {"info": info, "train": train_features, "val": val, "base_dir": str(base_dir)}
+
+
+def run(spec: FinetuneSpec) -> dict:
+    cfg = spec.output.storage
+    prepared = prepare(spec)  # before any cluster work: bad data or a missing model fail here
+    info = prepared["info"]
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": info["steps"], "epochs": None})})
+    run_dir = storage.join(train_driver.run_root(spec), spec.name)
+    print(f"[finetune] {info['task']}: {info['train_rows']} training rows, {info['eval_rows']} eval rows, "
+          f"{info['steps']} steps of {spec.global_batch_size}", flush=True)
+    train_driver.start(spec, run_dir)
+    first = min(train_driver.resume_step(run_dir, cfg), spec.train.steps)
+    sources = [{"name": "train", "chunks": memory_chunks(info["train_rows"]), "memory": prepared["train"],
+                "id_offset": 0}]
+    world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
+    weights_at = lambda step: np.ones(1)  # noqa: E731 - one source
+    train_sets = {f"train_{rank}": rank_dataset(sources, weights_at, spec.train.seed, rank, world, micro, first,
+                                                spec.train.steps - first, accum, cfg, train_driver.DATA_TASK_CPUS,
+                                                spec.data.group_by_length)
+                  for rank in range(world)}
+    result = train_driver.fit(spec, train_loop_per_worker,
+                              {"spec": resolved_dict(spec), "run_dir": run_dir, "info": info,
+                               "base_dir": prepared["base_dir"], "val": prepared["val"], "data_start_step": first},
+                              train_sets)
+    return {**report(spec, run_dir, info), "checkpoint": train_driver.checkpoint_uri(spec, result)}
+
+
+def report(spec: FinetuneSpec, run_dir: str, info: dict) -> dict:
+    """loss.png, the learning curve of the headline metric, the confusion matrix, report.md."""
+    cfg = spec.output.storage
+    history = train_driver.history(run_dir, cfg)
+    steps = [m for m in history if "loss" in m]  # without the step-0 baseline (eval_at_start)
+    out = {"run_dir": run_dir, "metrics": storage.join(run_dir, "metrics.jsonl"), "task": info["task"],
+           "first_loss": steps[0]["loss"], "final_loss": steps[-1]["loss"], "steps": steps[-1]["step"],
+           "plots": [loss_curve(steps, storage.join(run_dir, "loss.png"), f"{spec.name}: fine-tuning loss", cfg)]}
+    if history[0]["step"] == 0:
+        out["baseline"] = {k[4:]: v for k, v in history[0].items() if k.startswith("val_")}
+    key = HEADLINE[info["task"]]
+    evaluated = [m for m in steps if key in m]
+    if not evaluated:
+        return out
+    out["plots"].append(metric_curve(history, key, storage.join(run_dir, "learning_curve.png"),
+                                     f"{spec.name}: held-out {key[4:]}", cfg))
+    evaluation = json.loads(storage.read_text(storage.join(run_dir, "eval.json"), cfg))
+    if "confusion" in evaluation:
+        out["plots"].append(confusion(evaluation["confusion"], evaluation["labels"],
+                                      storage.join(run_dir, "confusion.png"), f"{spec.name}: dev confusion", cfg))
+    final = {k[4:]: v for k, v in evaluated[-1].items() if k.startswith("val_")}
+    out["eval"] = final
+    lines = [f"# {spec.name}: {info['task']} fine-tune of `{spec.model.base}`", "",
+             f"- data: `{info['dataset']}`, {info['train_rows']} training rows, {info['eval_rows']} eval rows",
+             f"- {spec.train.steps} steps x {spec.global_batch_size} rows, {spec.scaling.num_workers} workers, "
+             f"ZeRO-{spec.deepspeed.zero_stage}, {spec.deepspeed.precision}, lr {spec.optim.lr:g}"
+             + (f", LoRA r={spec.model.lora.r}" if spec.model.lora else ""),
+             f"- train loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}", "",
+             "| held-out metric | value |", "|---|---:|"]
+    if "baseline" in out:
+        lines[-2:] = ["| held-out metric | before training | after |", "|---|---:|---:|"]
+        lines += [f"| {k} | {out['baseline'].get(k, float('nan')):.4f} | {v:.4f} |" for k, v in final.items()]
+    else:
+        lines += [f"| {k} | {v:.4f} |" for k, v in final.items()]
+    for name, table in (("per label", evaluation.get("per_label")), ("per entity type", evaluation.get("per_type"))):
+        if table:
+            lines += ["", f"## {name}", "", "| | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+            lines += [f"| {k} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+                      for k, v in table.items()]
+    for sample in evaluation.get("generations", []):
+        lines += ["", "## generation", "", f"**prompt** {sample['prompt']!r}", "",
+                  f"**model** {sample['generation']!r}", "", f"**reference** {sample['reference']!r}"]
+    lines += ["", "Plots: " + ", ".join(f"`{p.rsplit('/', 1)[-1]}`" for p in out["plots"]), ""]
+    out["report"] = storage.join(run_dir, "report.md")
+    storage.write_text(out["report"], "\n".join(lines), cfg)
+    return out

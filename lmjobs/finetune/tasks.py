@@ -1,0 +1,307 @@
+"""Fine-tuning tasks for the shared loop (lmjobs.loop.Task): model with the task's head, inputs,
+loss, distributed evaluation with the task's metrics, and the Hugging Face export.
+
+Evaluation: each rank forwards every world-th row of the eval features (padded with repeats so
+every rank runs the same number of forwards, as ZeRO-3 needs), the per-row outputs are gathered
+on every rank, and every rank computes the same metrics.  The final evaluation also writes
+RUN_DIR/eval.json (per-label table, confusion matrix or per-type scores, sample predictions).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cluster import storage
+from lmjobs.export import output_logits
+from lmjobs.finetune import base, metrics
+from lmjobs.finetune.adversarial import AdversarialOutputs, perturbed_embeddings
+from lmjobs.config import FinetuneSpec
+from lmjobs.finetune.features import IGNORE
+from lmjobs.loop import num_params_m, world_size
+from lmjobs.models import num_params
+
+FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
+PROBE_TEXT = ("Who wrote the play?", "The play was written by William Shakespeare in London.")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def to_inputs(columns: dict) -> dict[str, torch.Tensor]:
+    """Feature columns of a micro-batch as model inputs, cut to the longest row (dynamic padding)."""
+    mask = np.stack(columns["attention_mask"])
+    longest = max(1, int(mask.sum(1).max()))
+    out = {}
+    for name in FEATURES:
+        if name in columns:
+            values = np.stack(columns[name])
+            out[name] = torch.as_tensor(np.ascontiguousarray(values[:, :longest] if values.ndim == 2 else values),
+                                        dtype=torch.long)
+    return out
+
+
+def _attacked(strategy, inputs: dict, attack) -> object:
+    """Eval-mode outputs on adversarially perturbed embeddings (the gold labels drive the attack)."""
+    module = strategy.module
+    module.eval()
+    try:
+        inputs = {k: v.to(strategy.device) for k, v in inputs.items()}
+        embeds = perturbed_embeddings(module, inputs, attack.method, attack.epsilon, attack.steps, attack.alpha)
+        with torch.no_grad():
+            return module(inputs_embeds=embeds, **{k: v for k, v in inputs.items() if k != "input_ids"})
+    finally:
+        module.train()
+
+
+def predict(strategy, features: dict[str, np.ndarray], batch_size: int, collect, attack=None) -> list:
+    """collect(outputs, inputs) -> one value per row of the batch; returns every row's value, in
+    row order, on every rank.  attack: score perturbed inputs instead (an AdversarialSection)."""
+    n = len(features["input_ids"])
+    rank, world = _rank(), world_size()
+    mine = np.arange(rank, n, world)
+    per_rank = -(-n // world)
+    padded = np.concatenate([mine, np.zeros(per_rank - len(mine), np.int64)])  # repeats of row 0, dropped below
+    values: list = []
+    for lo in range(0, per_rank, batch_size):
+        rows = padded[lo:lo + batch_size]
+        inputs = to_inputs({k: v[rows] for k, v in features.items()})
+        outputs = _attacked(strategy, inputs, attack) if attack is not None else strategy.forward_eval(inputs)
+        values += collect(outputs, inputs)
+    pairs = list(zip(mine.tolist(), values[:len(mine)]))
+    gathered = [pairs]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, pairs)
+    out: list = [None] * n
+    for part in gathered:
+        for row, value in part:
+            out[row] = value
+    return out
+
+
+def _row_ce(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, int]]:
+    """(summed cross-entropy, scored positions) per row."""
+    logits = logits.float()
+    if logits.dim() == 2:
+        return [(float(v), 1) for v in torch.nn.functional.cross_entropy(logits, labels, reduction="none")]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=IGNORE)
+    return [(float(c.sum()), int((lab != IGNORE).sum())) for c, lab in zip(ce, labels)]
+
+
+class FinetuneTask:
+    kind = "finetune"
+    headline = "accuracy"  # the metric the log line and the campaign look at
+
+    def __init__(self, spec: FinetuneSpec, info: dict, base_dir: str, run_dir: str):
+        self.spec, self.info, self.base_dir, self.run_dir = spec, info, pathlib.Path(base_dir), run_dir
+        self.tokenizer = base.tokenizer(self.base_dir)
+
+    # -- model ---------------------------------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        model = base.load_model(self.base_dir, self.info["task"], len(self.info.get("labels") or []) or 2,
+                                self.tokenizer.pad_token_id, self.spec.train.seed, self.spec.model.dropout)
+        base.freeze(model, self.spec.model.freeze_layers, self.spec.model.freeze_embeddings)
+        if self.spec.model.lora is not None:
+            model = base.add_lora(model, self.info["task"], self.spec.model.lora)
+        return model
+
+    def describe(self, model) -> str:
+        lora = f", LoRA r={self.spec.model.lora.r}" if self.spec.model.lora else ""
+        return f"{self.info['task']} from {self.spec.model.base}: {num_params_m(model)}{lora}, " \
+               f"{self.info['train_rows']} training rows"
+
+    def flops_per_token(self, model) -> float:
+        """6 N over the weights that multiply (an embedding lookup is no matmul; a tied LM head is)."""
+        embedding = model.get_input_embeddings().weight.numel()
+        tied = self.info["task"] == "sft" and getattr(model.config, "tie_word_embeddings", False)
+        return 6 * (num_params(model) - (0 if tied else embedding))
+
+    def length_at(self, step: int) -> int:
+        return self.spec.data.max_seq_len
+
+    def inputs(self, batch: dict, step: int, length: int) -> dict:
+        return to_inputs(batch)
+
+    def forward(self, engine, inputs: dict):
+        """The training forward: plain, or clean + adversarial (spec.adversarial with train: true)."""
+        adv = self.spec.adversarial
+        if adv is None or not adv.train:
+            return engine(**inputs)
+        embeds = perturbed_embeddings(engine.module, inputs, adv.method, adv.epsilon, adv.steps, adv.alpha)
+        attacked = engine(inputs_embeds=embeds, **{k: v for k, v in inputs.items() if k != "input_ids"})
+        return AdversarialOutputs(engine(**inputs), attacked)
+
+    def loss(self, outputs, inputs):
+        if isinstance(outputs, AdversarialOutputs):
+            return outputs.loss, {"clean_loss": float(outputs.clean_loss), "adv_loss": float(outputs.adversarial_loss)}
+        return outputs.loss, {}
+
+    def tokens(self, inputs: dict) -> int:
+        return int(inputs["attention_mask"].sum()) * self.spec.scaling.num_workers
+
+    def log_line(self, metrics_: dict, evaluated: bool) -> str:
+        held = f" val {self.headline} {metrics_[f'val_{self.headline}']:.4f}" if evaluated else ""
+        return f"loss {metrics_['loss']:.4f}{held}"
+
+    # -- export --------------------------------------------------------------------------------
+    def probe(self) -> dict:
+        enc = self.tokenizer(*PROBE_TEXT, return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+    def probe_logits(self, outputs) -> torch.Tensor:
+        return output_logits(outputs)
+
+    def save_hf(self, module, directory: str) -> None:
+        model = base.merged(module)
+        labels = self.info.get("labels")
+        if labels and self.info["task"] != "sft":
+            model.config.id2label = dict(enumerate(labels))
+            model.config.label2id = {name: i for i, name in enumerate(labels)}
+        model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+    def state_extra(self) -> dict:
+        return {"task": self.info["task"]}
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, strategy, val: dict, final: bool) -> dict:
+        figures, details = self.scores(strategy, val)
+        if final and _rank() == 0:
+            report = {"task": self.info["task"], **figures, **details}
+            storage.write_text(storage.join(self.run_dir, "eval.json"), json.dumps(report, indent=2),
+                               self.spec.output.storage)
+        return {f"val_{k}": v for k, v in figures.items()}
+
+    def scores(self, strategy, val: dict) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+
+class Classification(FinetuneTask):
+    def scores(self, strategy, val):
+        def collect(outputs, inputs):
+            logits = outputs.logits.float()
+            losses = _row_ce(logits, inputs["labels"].to(logits.device))
+            return [(int(p), ce) for p, (ce, _) in zip(logits.argmax(-1), losses)]
+
+        rows = predict(strategy, val["features"], self.spec.eval.eval_batch_size, collect)
+        pred = [p for p, _ in rows]
+        result = metrics.classification(val["features"]["labels"].tolist(), pred, self.info["labels"])
+        figures = {"loss": float(np.mean([ce for _, ce in rows])), "accuracy": result["accuracy"],
+                   "macro_f1": result["macro_f1"]}
+        if self.spec.adversarial is not None:  # robustness: the same perturbation at evaluation
+            attacked = predict(strategy, val["features"], self.spec.eval.eval_batch_size, collect,
+                               self.spec.adversarial)
+            gold = val["features"]["labels"]
+            figures["adv_accuracy"] = float(np.mean([p == g for (p, _), g in zip(attacked, gold)]))
+        examples = [{"text": t, "gold": self.info["labels"][g], "pred": self.info["labels"][p]}
+                    for t, g, p in zip(val["texts"][:20], val["features"]["labels"][:20], pred[:20])]
+        return figures, {"per_label": result["per_label"], "confusion": result["confusion"],
+                         "labels": result["labels"], "examples": examples}
+
+
+class Tokens(FinetuneTask):
+    headline = "f1"
+
+    def scores(self, strategy, val):
+        def collect(outputs, inputs):
+            logits = outputs.logits.float()
+            labels = inputs["labels"].to(logits.device)
+            losses = _row_ce(logits, labels)
+            preds = logits.argmax(-1)
+            return [(preds[i][labels[i] != IGNORE].tolist(), losses[i]) for i in range(len(preds))]
+
+        rows = predict(strategy, val["features"], self.spec.eval.eval_batch_size, collect)
+        tags = self.info["labels"]
+        gold = val["tags"]
+        pred = [[tags[t] for t in p] + ["O"] * (len(g) - len(p)) for (p, _), g in zip(rows, gold)]
+        result = metrics.entity_f1(gold, pred)
+        ce, n = sum(c for _, (c, _) in rows), sum(k for _, (_, k) in rows)
+        figures = {"loss": ce / max(n, 1), "precision": result["precision"], "recall": result["recall"],
+                   "f1": result["f1"]}
+        return figures, {"per_type": result["per_type"],
+                         "examples": [{"tokens": t, "gold": g, "pred": p}
+                                      for t, g, p in zip(val["tokens"][:10], gold[:10], pred[:10])]}
+
+
+class QuestionAnswering(FinetuneTask):
+    headline = "f1"
+
+    def scores(self, strategy, val):
+        def collect(outputs, inputs):
+            n = inputs["attention_mask"].sum(1)
+            s, e = outputs.start_logits.float(), outputs.end_logits.float()
+            return [(s[i, :n[i]].numpy(), e[i, :n[i]].numpy()) for i in range(len(n))]
+
+        rows = predict(strategy, val["features"], self.spec.eval.eval_batch_size, collect)
+        answers = metrics.qa_predictions(val["windows"], [s for s, _ in rows], [e for _, e in rows],
+                                         val["contexts"])
+        result = metrics.squad(answers, val["answers"])
+        figures = {"exact_match": result["exact_match"], "f1": result["f1"]}
+        examples = [{"id": q, "prediction": answers.get(q, ""), "answers": a}
+                    for q, a in list(val["answers"].items())[:20]]
+        return figures, {"questions": result["questions"], "windows": len(val["windows"]), "examples": examples}
+
+
+class SFT(FinetuneTask):
+    headline = "loss"
+
+    def log_line(self, metrics_: dict, evaluated: bool) -> str:
+        held = f" val response loss {metrics_['val_loss']:.4f}" if evaluated else ""
+        return f"loss {metrics_['loss']:.4f}{held}"
+
+    def scores(self, strategy, val):
+        def collect(outputs, inputs):
+            logits = outputs.logits[:, :-1].float()
+            return _row_ce(logits, inputs["labels"][:, 1:].to(logits.device))
+
+        rows = predict(strategy, val["features"], self.spec.eval.eval_batch_size, collect)
+        figures = {"loss": sum(c for c, _ in rows) / max(sum(n for _, n in rows), 1)}
+        return figures, {}
+
+    def evaluate(self, strategy, val: dict, final: bool) -> dict:
+        out = super().evaluate(strategy, val, final)
+        if final and self.spec.eval.num_generations:
+            samples = self.generate(strategy, val["prompts"][:self.spec.eval.num_generations])
+            if _rank() == 0:
+                uri = storage.join(self.run_dir, "eval.json")
+                report = json.loads(storage.read_text(uri, self.spec.output.storage))
+                report["generations"] = samples
+                storage.write_text(uri, json.dumps(report, indent=2), self.spec.output.storage)
+        return out
+
+    @torch.no_grad()
+    def generate(self, strategy, prompts: list[dict]) -> list[dict]:
+        """Greedy answers to held-out prompts (rank 0, with the full module under ZeRO-3)."""
+        from lmjobs.finetune.features import sft_pieces
+
+        samples = []
+        with strategy.gathered_module() as module:
+            if _rank() != 0:
+                return []
+            module.eval()
+            try:
+                for row in prompts:
+                    prompt, _ = sft_pieces(row, self.tokenizer)
+                    ids = torch.tensor([prompt], device=strategy.device)
+                    out = module.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=self.spec.eval.max_new_tokens,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+                    samples.append({"prompt": self.tokenizer.decode(prompt),
+                                    "reference": row.get("response") or row["messages"][-1]["content"],
+                                    "generation": self.tokenizer.decode(out[0, len(prompt):],
+                                                                        skip_special_tokens=True)})
+            finally:
+                module.train()
+        return samples
+
+
+TASK_CLASSES = {"classification": Classification, "tokens": Tokens, "qa": QuestionAnswering, "sft": SFT}
+
+
+def build(spec: FinetuneSpec, info: dict, base_dir: str, run_dir: str) -> FinetuneTask:
+    return TASK_CLASSES[info["task"]](spec, info, base_dir, run_dir)
