@@ -1,6 +1,7 @@
 """`lmjobs data ingest`: labelled files -> one canonical parquet per split, rejects, manifest.
 
-Canonical schemas (ARCHITECTURE.md): classification {text, label}; pair_classification
+Canonical schemas (ARCHITECTURE.md): unlabelled {text} (for `lmjobs label` and self-training);
+classification {text, label}; pair_classification
 {text_a, text_b, label}; tokens {tokens, tags}; qa {id, question, context, answers: {text,
 answer_start}}; sft {prompt, response} or {messages}; preference {prompt, chosen, rejected}.
 
@@ -26,6 +27,7 @@ from cluster.spec import JobSpec, Section, resolved_dict
 from cluster.storage import StorageConfig
 
 TASK_FIELDS = {
+    "unlabelled": ("text",),
     "classification": ("text", "label"),
     "pair_classification": ("text_a", "text_b", "label"),
     "tokens": ("tokens", "tags"),
@@ -58,7 +60,7 @@ class LabelledOutput(Section):
 
 class DataIngestSpec(JobSpec):
     kind: Literal["data_ingest"] = "data_ingest"
-    task: Literal["classification", "pair_classification", "tokens", "qa", "sft", "preference"]
+    task: Literal["unlabelled", "classification", "pair_classification", "tokens", "qa", "sft", "preference"]
     inputs: list[InputSection] = Field(min_length=1)
     labels: list[str] | None = None  # the label (or tag) set; null: every value seen is a label
     on_error: Literal["reject", "fail"] = "reject"
@@ -209,6 +211,8 @@ def _text(row: dict, field: str) -> str:
 
 def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str) -> dict:
     """The canonical row, or _Bad naming the field."""
+    if task == "unlabelled":
+        return {"text": _text(row, "text")}
     if task in ("classification", "pair_classification"):
         out = {f: _text(row, f) for f in TASK_FIELDS[task][:-1]}
         label = row.get("label")

@@ -22,7 +22,7 @@ def _load(args, kind: str | None):
 
     overrides = list(args.overrides)
     if getattr(args, "address", None):
-        field = "address" if kind == "data_prepare" else "scaling.address"
+        field = "address" if kind in ("data_prepare", "label") else "scaling.address"
         overrides.append(f"{field}={args.address}")
     return load_spec(args.spec, KINDS, overrides, expect_kind=kind)
 
@@ -59,6 +59,24 @@ def cmd_finetune(args) -> int:
     print(f"  report        : {out.get('report', '-')}")
     print(f"  metrics       : {out['metrics']}")
     print(f"  plots         : {', '.join(out['plots'])}")
+    if "self_training" in out:
+        for r in out["rounds"]:
+            held = "  ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
+            print(f"  round {r['round']}       : {r['pseudo_rows']} pseudo-labelled rows; {held}")
+        print(f"  self-training : {out['self_training']}")
+    return 0
+
+
+def cmd_label(args) -> int:
+    spec = _load(args, "label")
+    from lmjobs.label import run
+
+    out = run(spec)
+    print(f"[label] {out['read']} rows labelled at {out['rows_per_s']:.0f} rows/s, mean confidence "
+          f"{out['mean_confidence']:.3f}; {out['kept']} at or above {spec.min_confidence:g}")
+    print(f"  every row (text, label, confidence) : {out['labels']}")
+    print(f"  labelled set (lmjobs finetune data) : {out['dir']}/train.parquet")
+    print(f"  manifest                            : {out['dir']}/manifest.json")
     return 0
 
 
@@ -165,7 +183,8 @@ def cmd_cluster(args) -> int:
 
 
 # how each spec kind runs: the CLI words before the spec path
-KIND_COMMANDS = {"pretrain": ["pretrain"], "finetune": ["finetune"], "data_prepare": ["data", "prepare"], "data_ingest": ["data", "ingest"]}
+KIND_COMMANDS = {"pretrain": ["pretrain"], "finetune": ["finetune"], "label": ["label"],
+                 "data_prepare": ["data", "prepare"], "data_ingest": ["data", "ingest"]}
 
 
 def cmd_submit(args) -> int:
@@ -250,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("label", help="label texts with a fine-tuned classifier (Ray Data batch inference, actor pool)")
+    _add_spec_args(p)
+    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
+    p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory (config, safetensors, tokenizer)")
     p.add_argument("checkpoint", help="checkpoint directory, local or s3:// (RUN_DIR/checkpoint_stepNNNNNNN)")

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from cluster.spec import JobSpec, Section
 from cluster.storage import StorageConfig
-from data_pipelines.labelled import DataIngestSpec
+from data_pipelines.labelled import DataIngestSpec, LabelledOutput
 from data_pipelines.prepare import DataPrepareSpec
 
 
@@ -241,7 +241,8 @@ class FinetuneModelSection(Section):
 
 
 class FinetuneDataSection(Section):
-    source: str = Field(min_length=1)  # an ingested dataset (`lmjobs data ingest`): its directory or manifest.json
+    # an ingested dataset (`lmjobs data ingest`): its directory or manifest.json; None with multitask
+    source: str | None = Field(None, min_length=1)
     train_split: str = "train"
     eval_split: str | None = "dev"  # None: hold out eval_fraction of the train split instead
     # share of the train split held out for evaluation when eval_split is None; QA holds out whole
@@ -275,6 +276,57 @@ class AdversarialSection(Section):
     train: bool = True
 
 
+class SelfTrainingSection(Section):
+    """Self-training (classification): train, pseudo-label the unlabelled rows with the trained
+    model (Ray Data batch inference), keep the confident labels, retrain from the base model on
+    the labelled plus the pseudo-labelled rows; `rounds` times."""
+
+    source: str = Field(min_length=1)  # an ingested dataset with a `text` field (task unlabelled, or any classification set)
+    split: str = "train"
+    rounds: int = Field(1, ge=1, le=10)
+    threshold: float = Field(0.9, gt=0, lt=1)  # a pseudo label is kept when its probability is at least this
+    max_examples: int | None = Field(None, ge=1)
+    num_actors: int = Field(2, ge=1)  # labelling actor pool (at most this many actors)
+    cpus_per_actor: float = Field(0.5, gt=0)
+
+
+class TaskSource(Section):
+    """One task of a multi-task run: its ingested dataset and splits."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,31}$")  # metric prefix: val_NAME_accuracy
+    source: str = Field(min_length=1)
+    train_split: str = "train"
+    eval_split: str | None = "dev"
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+    weight: float | None = Field(None, gt=0)  # sampling: weights
+
+
+class MultiTaskSection(Section):
+    """One shared encoder, a head per task; each step's rows are drawn from the tasks by weight:
+    proportional (to the training rows), temperature (rows^(1/T), flatter for T > 1) or the
+    tasks' own `weight`s.  Tasks: classification and tokens (BERT-family encoders)."""
+
+    tasks: list[TaskSource] = Field(min_length=2)
+    sampling: Literal["proportional", "temperature", "weights"] = "temperature"
+    temperature: float = Field(2.0, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _names_and_weights(self):
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"multitask.tasks: names must be unique, got {names}")
+        if self.sampling == "weights" and any(t.weight is None for t in self.tasks):
+            raise ValueError("multitask.sampling weights: give every task a weight")
+        return self
+
+    def weights(self, rows: list[int]) -> list[float]:
+        if self.sampling == "weights":
+            return [t.weight for t in self.tasks]
+        power = 1.0 if self.sampling == "proportional" else 1.0 / self.temperature
+        return [n ** power for n in rows]
+
+
 class FinetuneOptimSection(OptimSection):
     """Fine-tuning defaults: a small peak, decay to zero, light weight decay, Adam's usual betas."""
 
@@ -302,9 +354,15 @@ class FinetuneSpec(TrainJobSpec):
     # adversarial training and/or scoring under the same perturbation (classification: the eval
     # reports accuracy on perturbed inputs too, val_adv_accuracy)
     adversarial: AdversarialSection | None = None
+    self_training: SelfTrainingSection | None = None
+    multitask: MultiTaskSection | None = None  # instead of data.source
 
     @pydantic.model_validator(mode="after")
     def _steps_or_epochs(self):
+        if (self.data.source is None) == (self.multitask is None):
+            raise ValueError("data.source: give a dataset, or multitask.tasks instead (not both)")
+        if self.multitask is not None and (self.self_training or self.adversarial or self.model.lora):
+            raise ValueError("multitask: not combined with self_training, adversarial or model.lora")
         if (self.train.steps is None) == (self.train.epochs is None):
             raise ValueError("train: set exactly one of train.steps and train.epochs")
         if self.train.steps is not None and self.optim.warmup_steps >= self.train.steps:
@@ -312,6 +370,8 @@ class FinetuneSpec(TrainJobSpec):
                              f"train.steps ({self.train.steps})")
         if self.adversarial is not None and self.task == "sft":
             raise ValueError("adversarial: not for task sft (perturbations of classification, tokens and qa inputs)")
+        if self.self_training is not None and self.task not in (None, "classification"):
+            raise ValueError(f"self_training: for task classification (pseudo labels), not {self.task}")
         if self.adversarial is not None and self.model.lora is not None:
             raise ValueError("adversarial: not combined with model.lora yet")
         if self.data.eval_split is None and not self.data.eval_fraction and self.data.max_eval_examples:
@@ -320,5 +380,28 @@ class FinetuneSpec(TrainJobSpec):
         return self
 
 
-KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec, "finetune": FinetuneSpec, "data_prepare": DataPrepareSpec,
-                                   "data_ingest": DataIngestSpec}
+class LabelDataSection(Section):
+    source: str = Field(min_length=1)  # an ingested dataset with a `text` field (`lmjobs data ingest`, task unlabelled)
+    split: str = "train"
+    max_examples: int | None = Field(None, ge=1)
+
+
+class LabelSpec(JobSpec):
+    """`lmjobs label`: a fine-tuned classifier labels text as Ray Data batch inference."""
+
+    kind: Literal["label"] = "label"
+    # the classifier: a fine-tuning checkpoint directory (its hf/) or an exported Hugging Face directory
+    model: str = Field(min_length=1)
+    data: LabelDataSection
+    address: str | None = None  # Ray cluster; empty = RAY_ADDRESS or an embedded local one
+    max_seq_len: int = Field(128, ge=8)
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(2, ge=1)  # the actor pool grows to at most this many model replicas
+    cpus_per_actor: float = Field(0.5, gt=0)
+    # rows at or above this confidence form the labelled set (train.parquet); labels.jsonl has every row
+    min_confidence: float = Field(0.0, ge=0, lt=1)
+    output: LabelledOutput = LabelledOutput()
+
+
+KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec, "finetune": FinetuneSpec, "label": LabelSpec,
+                                   "data_prepare": DataPrepareSpec, "data_ingest": DataIngestSpec}

@@ -89,13 +89,14 @@ def measure_peak_tflops(precision: str, seconds: float = 0.3) -> float:
     dtypes = {torch.float32, torch.bfloat16 if precision == "bf16" else torch.float32}
     best = 0.0
     for dtype in dtypes:
-        a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
-        a @ b  # warm-up
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            a @ b
-            n += 1
-        best = max(best, 2 * 512**3 * n / (time.perf_counter() - t0) / 1e12)
+        for size in (512, 1024):  # large enough for the GEMM kernels' best rate (512 alone read low)
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            a @ b  # warm-up
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 2:
+                a @ b
+                n += 1
+            best = max(best, 2 * size**3 * n / (time.perf_counter() - t0) / 1e12)
     return best
 
 

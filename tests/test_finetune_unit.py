@@ -159,3 +159,36 @@ def test_qa_hold_out_is_paragraph_disjoint():
     assert not {r["context"] for r in train} & {r["context"] for r in held}
     again = _split_eval(rows, "qa", 0.2, seed=0)[1]
     assert [r["id"] for r in again] == [r["id"] for r in held]
+
+
+def test_multitask_model_mixes_tasks_and_exports_each_as_a_plain_model():
+    import torch
+    import transformers
+
+    from lmjobs.finetune.multitask import MultiTaskModel, unified
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)
+    tasks = [{"name": "sent", "task": "classification", "labels": ["neg", "pos"]},
+             {"name": "ner", "task": "tokens", "labels": ["O", "B-PER", "I-PER"]}]
+    model = MultiTaskModel(transformers.BertModel(config), tasks, dropout=0.0).eval()
+    ids = torch.randint(5, 60, (4, 6))
+    cls = unified({"input_ids": ids[:2].numpy(), "attention_mask": np.ones((2, 6), np.int8),
+                   "labels": np.array([0, 1])}, "classification", 0, 6)
+    tok = unified({"input_ids": ids[2:].numpy(), "attention_mask": np.ones((2, 6), np.int8),
+                   "labels": np.array([[-100, 1, 2, 0, 0, -100]] * 2)}, "tokens", 1, 6)
+    assert (cls["labels"][:, 1:] == features.IGNORE).all() and list(cls["labels"][:, 0]) == [0, 1]
+    batch = {k: torch.as_tensor(np.concatenate([cls[k], tok[k]]), dtype=torch.long)
+             for k in ("input_ids", "attention_mask", "labels", "task_ids")}
+    out = model(**batch)
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters())  # every head, every step (ZeRO reduces them all)
+    with torch.no_grad():
+        for t, task in enumerate(tasks):
+            rows = batch["task_ids"] == t
+            mine = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                         task_ids=batch["task_ids"][rows]).logits
+            plain = model.task_model(t, task["labels"]).eval()
+            got = plain(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
+            assert torch.allclose(mine, got, atol=1e-6) and plain.config.id2label[1] == task["labels"][1]

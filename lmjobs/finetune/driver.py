@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.spec import resolved_dict
-from lmjobs.finetune import base, features
+from lmjobs.finetune import base, features, multitask
 from lmjobs.config import FinetuneSpec
 from lmjobs.finetune.worker import train_loop_per_worker
 from lmjobs.plots import confusion, loss_curve, metric_curve
@@ -92,13 +92,16 @@ def build_features(task: str, rows: list[dict], tokenizer, labels, data) -> tupl
     return features.sft(rows, tokenizer, data.max_seq_len, data.pack), {"prompts": rows}
 
 
-def prepare(spec: FinetuneSpec) -> dict:
-    """Everything before the cluster: data read and checked, base model resolved, features."""
+def prepare(spec: FinetuneSpec, extra_rows: list[dict] | None = None) -> dict:
+    """Everything before the cluster: data read and checked, base model resolved, features.
+    extra_rows: more training rows (self-training's pseudo labels)."""
     cfg = spec.output.storage
     directory, manifest = _manifest(spec.data.source, cfg)
     task = "classification" if manifest["task"] == "pair_classification" else manifest["task"]
     if spec.task is not None and spec.task != task:
         raise DataError(f"task is {spec.task} but {directory} holds {manifest['task']} data")
+    if spec.self_training is not None and task != "classification":
+        raise DataError(f"self_training: for classification data, but {directory} holds {manifest['task']} data")
     if spec.adversarial is not None and task == "sft":
         raise DataError(f"adversarial: not for task sft ({directory} holds sft data)")
     if task not in base.HEADS:
@@ -113,7 +116,7 @@ def prepare(spec: FinetuneSpec) -> dict:
         train_rows, eval_rows = _split_eval(train_rows, task, spec.data.eval_fraction, spec.train.seed)
     else:
         eval_rows = []
-    train_rows = _subset(train_rows, spec.data.max_train_examples, spec.train.seed, 1)
+    train_rows = _subset(train_rows, spec.data.max_train_examples, spec.train.seed, 1) + list(extra_rows or [])
     eval_rows = _subset(eval_rows, spec.data.max_eval_examples, spec.train.seed, 2)
     base_dir = base.resolve(spec.model.base)
     tokenizer = base.tokenizer(base_dir)
@@ -131,12 +134,82 @@ def prepare(spec: FinetuneSpec) -> dict:
         raise DataError(f"optim.warmup_steps ({spec.optim.warmup_steps}) must be below the run's {steps} steps")
     info = {"task": task, "labels": labels, "train_rows": num_rows, "examples": len(train_rows),
             "eval_rows": len(eval_rows), "steps": steps, "dataset": directory}
-    return {"info": info, "train": train_features, "val": val, "base_dir": str(base_dir)}
+    sources = [{"name": "train", "chunks": memory_chunks(num_rows), "memory": train_features, "id_offset": 0}]
+    return {"info": info, "sources": sources, "weights": [1.0], "val": val, "base_dir": str(base_dir)}
+
+
+def prepare_multitask(spec: FinetuneSpec) -> dict:
+    """Each task's data read, checked and featurised into the shared layout: one source a task."""
+    cfg, mt = spec.output.storage, spec.multitask
+    base_dir = base.resolve(spec.model.base)
+    tokenizer = base.tokenizer(base_dir)
+    tasks, sources, val, offset = [], [], {}, 0
+    for task_id, t in enumerate(mt.tasks):
+        directory, manifest = _manifest(t.source, cfg)
+        kind = "classification" if manifest["task"] == "pair_classification" else manifest["task"]
+        if kind not in multitask.KINDS:
+            raise DataError(f"multitask.tasks[{task_id}] ({t.name}): {directory} holds {manifest['task']} data; "
+                            f"multi-task runs take {' and '.join(multitask.KINDS)}")
+        labels = manifest["labels"]
+        uri, rows = _rows(directory, manifest, t.train_split, cfg)
+        check_rows(rows, kind, labels, uri)
+        rows = _subset(rows, t.max_train_examples, spec.train.seed, 1)
+        feats, _ = build_features(kind, rows, tokenizer, labels, spec.data)
+        memory = multitask.unified(feats, kind, task_id, spec.data.max_seq_len)
+        memory.setdefault("token_type_ids", np.zeros_like(memory["input_ids"], dtype=np.int8))  # one layout for all
+        sources.append({"name": t.name, "chunks": memory_chunks(len(rows)), "memory": memory, "id_offset": offset})
+        offset += len(rows)
+        if t.eval_split is not None:
+            eval_uri, eval_rows = _rows(directory, manifest, t.eval_split, cfg)
+            check_rows(eval_rows, kind, labels, eval_uri)
+            eval_rows = _subset(eval_rows, t.max_eval_examples, spec.train.seed, 2)
+            eval_features, extra = build_features(kind, eval_rows, tokenizer, labels, spec.data)
+            eval_features["task_ids"] = np.full(len(eval_rows), task_id, dtype=np.int64)
+            val[t.name] = {"features": eval_features, **extra}
+        tasks.append({"name": t.name, "task": kind, "labels": labels, "train_rows": len(rows), "dataset": directory})
+    total = sum(t["train_rows"] for t in tasks)
+    steps = spec.train.steps or math.ceil(spec.train.epochs * total / spec.global_batch_size)
+    weights = mt.weights([t["train_rows"] for t in tasks])
+    info = {"task": "multitask", "tasks": tasks, "weights": weights, "labels": None, "train_rows": total,
+            "examples": total, "eval_rows": sum(len(v["features"]["input_ids"]) for v in val.values()),
+            "steps": steps, "dataset": ", ".join(t["dataset"] for t in tasks)}
+    return {"info": info, "sources": sources, "weights": weights, "val": val or None, "base_dir": str(base_dir)}
 
 
 def run(spec: FinetuneSpec) -> dict:
+    return self_train(spec) if spec.self_training is not None else run_once(spec)
+
+
+def self_train(spec: FinetuneSpec) -> dict:
+    """Round 0 trains on the labelled rows; each later round retrains from the base model on the
+    labelled rows plus the unlabelled rows the previous round's model labels with confidence at
+    least `threshold`.  Rounds run as NAME-r0, NAME-r1, ...; NAME/self_training.json compares them."""
+    from lmjobs import label
+
+    st, cfg = spec.self_training, spec.output.storage
+    source, texts = label.read_texts(st.source, st.split, st.max_examples, cfg)
+    pseudo: list[dict] = []
+    rounds = []
+    for r in range(st.rounds + 1):
+        out = run_once(spec.model_copy(update={"name": f"{spec.name}-r{r}"}), extra_rows=pseudo)
+        rounds.append({"round": r, "pseudo_rows": len(pseudo), "run_dir": out["run_dir"], "eval": out.get("eval", {})})
+        print(f"[self-training] round {r}: {len(pseudo)} pseudo-labelled rows, held-out "
+              + "  ".join(f"{k} {v:.4f}" for k, v in out.get("eval", {}).items()), flush=True)
+        if r == st.rounds:
+            break
+        labels, confidence = label.label_texts(label.model_dir(out["checkpoint"]), texts, spec.data.max_seq_len,
+                                               spec.eval.eval_batch_size, st.num_actors, st.cpus_per_actor)
+        pseudo = [{"text": t, "label": lab} for t, lab, c in zip(texts, labels, confidence) if c >= st.threshold]
+    summary = {"unlabelled": source, "unlabelled_rows": len(texts), "threshold": st.threshold, "rounds": rounds}
+    uri = storage.join(train_driver.run_root(spec), spec.name, "self_training.json")
+    storage.write_text(uri, json.dumps(summary, indent=2), cfg)
+    return {**out, "self_training": uri, "rounds": rounds}
+
+
+def run_once(spec: FinetuneSpec, extra_rows: list[dict] | None = None) -> dict:
     cfg = spec.output.storage
-    prepared = prepare(spec)  # before any cluster work: bad data or a missing model fail here
+    # before any cluster work: bad data or a missing model fail here
+    prepared = prepare_multitask(spec) if spec.multitask is not None else prepare(spec, extra_rows)
     info = prepared["info"]
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": info["steps"], "epochs": None})})
     run_dir = storage.join(train_driver.run_root(spec), spec.name)
@@ -144,10 +217,10 @@ def run(spec: FinetuneSpec) -> dict:
           f"{info['steps']} steps of {spec.global_batch_size}", flush=True)
     train_driver.start(spec, run_dir)
     first = min(train_driver.resume_step(run_dir, cfg), spec.train.steps)
-    sources = [{"name": "train", "chunks": memory_chunks(info["train_rows"]), "memory": prepared["train"],
-                "id_offset": 0}]
+    sources = prepared["sources"]
     world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
-    weights_at = lambda step: np.ones(1)  # noqa: E731 - one source
+    weights = np.asarray(prepared["weights"], dtype=np.float64)
+    weights_at = lambda step: weights  # noqa: E731 - fixed mixture weights
     train_sets = {f"train_{rank}": rank_dataset(sources, weights_at, spec.train.seed, rank, world, micro, first,
                                                 spec.train.steps - first, accum, cfg, train_driver.DATA_TASK_CPUS,
                                                 spec.data.group_by_length)
@@ -169,7 +242,7 @@ def report(spec: FinetuneSpec, run_dir: str, info: dict) -> dict:
            "plots": [loss_curve(steps, storage.join(run_dir, "loss.png"), f"{spec.name}: fine-tuning loss", cfg)]}
     if history[0]["step"] == 0:
         out["baseline"] = {k[4:]: v for k, v in history[0].items() if k.startswith("val_")}
-    key = HEADLINE[info["task"]]
+    key = HEADLINE.get(info["task"]) or f"val_{info['tasks'][0]['name']}_{HEADLINE[info['tasks'][0]['task']][4:]}"
     evaluated = [m for m in steps if key in m]
     if not evaluated:
         return out

@@ -24,7 +24,7 @@ from lmjobs.finetune.features import IGNORE
 from lmjobs.loop import num_params_m, world_size
 from lmjobs.models import num_params
 
-FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
+FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions", "task_ids")
 PROBE_TEXT = ("Who wrote the play?", "The play was written by William Shakespeare in London.")
 
 
@@ -300,7 +300,54 @@ class SFT(FinetuneTask):
         return samples
 
 
-TASK_CLASSES = {"classification": Classification, "tokens": Tokens, "qa": QuestionAnswering, "sft": SFT}
+class MultiTask(FinetuneTask):
+    """Several classification / token tasks on one shared encoder (lmjobs.finetune.multitask)."""
+
+    def __init__(self, spec: FinetuneSpec, info: dict, base_dir: str, run_dir: str):
+        super().__init__(spec, info, base_dir, run_dir)
+        self.subtasks = [TASK_CLASSES[t["task"]](spec, t, base_dir, run_dir) for t in info["tasks"]]
+        first = info["tasks"][0]
+        self.headline = f"{first['name']}_{TASK_CLASSES[first['task']].headline}"
+
+    def build_model(self) -> torch.nn.Module:
+        import transformers
+
+        from lmjobs.finetune.multitask import MultiTaskModel
+
+        torch.manual_seed(self.spec.train.seed)
+        encoder = transformers.AutoModel.from_pretrained(self.base_dir, attn_implementation="eager")
+        if encoder.config.model_type != "bert" or getattr(encoder, "pooler", None) is None:
+            raise ValueError(f"multitask needs a BERT-family encoder with a pooler; {self.spec.model.base} is "
+                             f"{encoder.config.model_type}")
+        dropout = self.spec.model.dropout if self.spec.model.dropout is not None else encoder.config.hidden_dropout_prob
+        model = MultiTaskModel(encoder, self.info["tasks"], dropout)
+        base.freeze(model, self.spec.model.freeze_layers, self.spec.model.freeze_embeddings)
+        return model
+
+    def describe(self, model) -> str:
+        tasks = ", ".join(f"{t['name']} ({t['task']}, {t['train_rows']} rows, weight {w:.2g})"
+                          for t, w in zip(self.info["tasks"], self.info["weights"]))
+        return f"multitask from {self.spec.model.base}: {num_params_m(model)}; {tasks}"
+
+    def scores(self, strategy, val):
+        figures, details = {}, {}
+        for sub, task in zip(self.subtasks, self.info["tasks"]):
+            if task["name"] in val:
+                f, d = sub.scores(strategy, val[task["name"]])
+                figures.update({f"{task['name']}_{k}": v for k, v in f.items()})
+                details[task["name"]] = d
+        return figures, {"tasks": details}
+
+    def save_hf(self, module, directory: str) -> None:
+        """hf/ is the first task's model; hf-NAME/ each other task's (the shared encoder and its head)."""
+        for t, task in enumerate(self.info["tasks"]):
+            target = directory if t == 0 else f"{directory}-{task['name']}"
+            module.task_model(t, task["labels"]).save_pretrained(target, safe_serialization=True)
+            self.tokenizer.save_pretrained(target)
+
+
+TASK_CLASSES = {"classification": Classification, "tokens": Tokens, "qa": QuestionAnswering, "sft": SFT,
+                "multitask": MultiTask}
 
 
 def build(spec: FinetuneSpec, info: dict, base_dir: str, run_dir: str) -> FinetuneTask:
