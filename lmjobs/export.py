@@ -36,7 +36,7 @@ def export(checkpoint: str, out_dir: str, cfg: StorageConfig | None = None, atol
     return {"out_dir": out_dir, "files": files, "step": state["step"], "max_logit_diff": max_diff}
 
 
-def output_logits(outputs) -> "torch.Tensor":
+def output_logits(outputs):
     """The logits of any head lmjobs trains: LM / classification / token heads, BERT pre-training,
     or extractive QA (start and end stacked on the last axis)."""
     import torch
