@@ -137,6 +137,7 @@ def train(spec: TrainJobSpec, task: Task, batches: Iterable[dict], rank: int, re
     if val is not None and start_step == 0 and getattr(spec.train, "eval_at_start", False):
         # the untrained model's score: the baseline the run's improvement is measured against
         state["history"].append({"step": 0, **task.evaluate(strategy, val, False)})
+        t_window = time.perf_counter()  # the first window's tokens/s counts training only
     while state["step"] < spec.train.steps:
         length = task.length_at(state["step"])
         for _ in range(accum):
