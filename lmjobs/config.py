@@ -217,9 +217,6 @@ class PretrainSpec(TrainJobSpec):
 
 # -- fine-tuning (`kind: finetune`) ----------------------------------------------------------
 
-TASKS = ("classification", "tokens", "qa", "sft")
-
-
 class LoraSection(Section):
     """Low-rank adapters (peft) on the base model's linear layers; merged into the weights on export."""
 

@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 from cluster import storage
 from lmjobs.export import output_logits
+from lmjobs.config import FinetuneSpec
 from lmjobs.finetune import base, metrics
 from lmjobs.finetune.adversarial import AdversarialOutputs, perturbed_embeddings
-from lmjobs.config import FinetuneSpec
-from lmjobs.finetune.features import IGNORE
+from lmjobs.finetune.features import IGNORE, sft_pieces
 from lmjobs.loop import num_params_m, world_size
 from lmjobs.models import num_params
 
@@ -277,8 +277,6 @@ class SFT(FinetuneTask):
     @torch.no_grad()
     def generate(self, strategy, prompts: list[dict]) -> list[dict]:
         """Greedy answers to held-out prompts (rank 0, with the full module under ZeRO-3)."""
-        from lmjobs.finetune.features import sft_pieces
-
         samples = []
         with strategy.gathered_module() as module:
             if _rank() != 0:
