@@ -274,6 +274,26 @@ def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+# -- reading an ingested dataset back ----------------------------------------------------------
+
+def read_manifest(source: str, cfg: StorageConfig | None = None) -> tuple[str, dict]:
+    """(dataset directory, manifest) of an ingested dataset given as its directory or manifest.json."""
+    uri = source if source.endswith("manifest.json") else storage.join(source, "manifest.json")
+    if not storage.exists(uri, cfg):
+        raise FileNotFoundError(f"{source}: no manifest.json; give the directory `lmjobs data ingest` wrote "
+                                "(e.g. data/sst2)")
+    return uri.rsplit("/", 1)[0], json.loads(storage.read_text(uri, cfg))
+
+
+def read_split(directory: str, manifest: dict, split: str, cfg: StorageConfig | None = None) -> tuple[str, pa.Table]:
+    """(parquet URI, table) of one split of an ingested dataset."""
+    if split not in manifest["splits"]:
+        raise IngestError(f"{directory}: no split '{split}' (splits: {', '.join(manifest['splits'])})")
+    uri = storage.join(directory, manifest["splits"][split]["file"])
+    fs, path = storage.resolve(uri, cfg)
+    return uri, pq.read_table(path, filesystem=fs)
+
+
 # -- driver -----------------------------------------------------------------------------------
 
 def ingest(spec: DataIngestSpec, progress=print) -> dict:

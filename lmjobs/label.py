@@ -18,6 +18,7 @@ import numpy as np
 
 from cluster import storage
 from cluster.spec import resolved_dict
+from data_pipelines.labelled import read_manifest, read_split
 from lmjobs.config import LabelSpec
 
 
@@ -76,18 +77,8 @@ def label_texts(directory: str, texts: list[str], max_len: int = 128, batch_size
 
 def read_texts(source: str, split: str, limit: int | None, cfg) -> tuple[str, list[str]]:
     """The `text` field of an ingested split (any task whose rows have one)."""
-    import pyarrow.parquet as pq
-
-    uri = source if source.endswith("manifest.json") else storage.join(source, "manifest.json")
-    if not storage.exists(uri, cfg):
-        raise FileNotFoundError(f"{source}: no manifest.json; ingest the texts first (lmjobs data ingest, "
-                                "task: unlabelled)")
-    manifest = json.loads(storage.read_text(uri, cfg))
-    if split not in manifest["splits"]:
-        raise ValueError(f"{source}: no split '{split}' (splits: {', '.join(manifest['splits'])})")
-    path = storage.join(uri.rsplit("/", 1)[0], manifest["splits"][split]["file"])
-    fs, local = storage.resolve(path, cfg)
-    table = pq.read_table(local, filesystem=fs)
+    directory, manifest = read_manifest(source, cfg)
+    path, table = read_split(directory, manifest, split, cfg)
     if "text" not in table.column_names:
         raise ValueError(f"{path}: no `text` column (columns: {', '.join(table.column_names)})")
     texts = table.column("text").to_pylist()

@@ -6,10 +6,10 @@ import json
 import math
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from cluster import storage
 from cluster.spec import resolved_dict
+from data_pipelines.labelled import read_manifest, read_split
 from lmjobs.finetune import base, features, multitask
 from lmjobs.config import FinetuneSpec
 from lmjobs.finetune.worker import train_loop_per_worker
@@ -24,20 +24,9 @@ class DataError(ValueError):
     """Labelled data a fine-tune cannot use; the message names the file and the row."""
 
 
-def _manifest(source: str, cfg) -> tuple[str, dict]:
-    uri = source if source.endswith("manifest.json") else storage.join(source, "manifest.json")
-    if not storage.exists(uri, cfg):
-        raise FileNotFoundError(f"data.source {source}: no manifest.json; give the directory `lmjobs data ingest` "
-                                "wrote (e.g. data/sst2)")
-    return uri.rsplit("/", 1)[0], json.loads(storage.read_text(uri, cfg))
-
-
 def _rows(directory: str, manifest: dict, split: str, cfg) -> tuple[str, list[dict]]:
-    if split not in manifest["splits"]:
-        raise DataError(f"{directory}: no split '{split}' (splits: {', '.join(manifest['splits'])})")
-    uri = storage.join(directory, manifest["splits"][split]["file"])
-    fs, path = storage.resolve(uri, cfg)
-    return uri, pq.read_table(path, filesystem=fs).to_pylist()
+    uri, table = read_split(directory, manifest, split, cfg)
+    return uri, table.to_pylist()
 
 
 def check_rows(rows: list[dict], task: str, labels: list[str] | None, uri: str) -> None:
@@ -96,7 +85,7 @@ def prepare(spec: FinetuneSpec, extra_rows: list[dict] | None = None) -> dict:
     """Everything before the cluster: data read and checked, base model resolved, features.
     extra_rows: more training rows (self-training's pseudo labels)."""
     cfg = spec.output.storage
-    directory, manifest = _manifest(spec.data.source, cfg)
+    directory, manifest = read_manifest(spec.data.source, cfg)
     task = "classification" if manifest["task"] == "pair_classification" else manifest["task"]
     if spec.task is not None and spec.task != task:
         raise DataError(f"task is {spec.task} but {directory} holds {manifest['task']} data")
@@ -145,7 +134,7 @@ def prepare_multitask(spec: FinetuneSpec) -> dict:
     tokenizer = base.tokenizer(base_dir)
     tasks, sources, val, offset = [], [], {}, 0
     for task_id, t in enumerate(mt.tasks):
-        directory, manifest = _manifest(t.source, cfg)
+        directory, manifest = read_manifest(t.source, cfg)
         kind = "classification" if manifest["task"] == "pair_classification" else manifest["task"]
         if kind not in multitask.KINDS:
             raise DataError(f"multitask.tasks[{task_id}] ({t.name}): {directory} holds {manifest['task']} data; "
