@@ -302,11 +302,14 @@ class TaskSource(Section):
 class MultiTaskSection(Section):
     """One shared encoder, a head per task; each step's rows are drawn from the tasks by weight:
     proportional (to the training rows), temperature (rows^(1/T), flatter for T > 1) or the
-    tasks' own `weight`s.  Tasks: classification and tokens (BERT-family encoders)."""
+    tasks' own `weight`s.  Tasks: classification and tokens (BERT-family encoders).  `loss`: tasks
+    (each task present in a micro-batch counts equally: the mean of the tasks' mean losses, as when
+    every batch holds one task) or rows (the mean over rows, so a task's share follows its rows)."""
 
     tasks: list[TaskSource] = Field(min_length=2)
     sampling: Literal["proportional", "temperature", "weights"] = "temperature"
     temperature: float = Field(2.0, gt=0)
+    loss: Literal["tasks", "rows"] = "tasks"
 
     @pydantic.model_validator(mode="after")
     def _names_and_weights(self):

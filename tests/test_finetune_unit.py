@@ -181,7 +181,21 @@ def test_multitask_model_mixes_tasks_and_exports_each_as_a_plain_model():
     assert (cls["labels"][:, 1:] == features.IGNORE).all() and list(cls["labels"][:, 0]) == [0, 1]
     batch = {k: torch.as_tensor(np.concatenate([cls[k], tok[k]]), dtype=torch.long)
              for k in ("input_ids", "attention_mask", "labels", "task_ids")}
+    alone = []  # each task's own mean loss
+    with torch.no_grad():
+        for t in range(2):
+            rows = batch["task_ids"] == t
+            alone.append(float(model(**{k: v[rows] for k, v in batch.items()}).loss))
+        three = {k: v[1:] for k, v in batch.items()}  # 1 classification row, 2 token rows
+        one_cls = float(model(**{k: v[1:2] for k, v in batch.items()}).loss)
+        balanced = float(model(**three).loss)
+        model.balance = "rows"
+        by_rows = float(model(**three).loss)
+        model.balance = "tasks"
+    assert abs(balanced - (one_cls + alone[1]) / 2) < 1e-5  # tasks count equally, whatever their rows
+    assert abs(by_rows - (one_cls + 2 * alone[1]) / 3) < 1e-5
     out = model(**batch)
+    assert abs(float(out.loss) - sum(alone) / 2) < 1e-5
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())  # every head, every step (ZeRO reduces them all)
     with torch.no_grad():

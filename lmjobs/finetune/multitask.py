@@ -4,7 +4,8 @@ Every task's features share one layout so they travel through the same data plan
 [rows, max_len] (a classification label at position 0, IGNORE elsewhere) and `task_ids` says
 whose row it is.  The data plan's weighted mixture draws each step's rows from the tasks (each
 task one source).  The model computes the encoder once per micro-batch and each head on its
-rows; the loss is the row-weighted mean over the tasks present.  Exports are one plain Hugging
+rows; the loss is the mean over the tasks present of each task's mean loss (balance "tasks") or
+the mean over rows (balance "rows").  Exports are one plain Hugging
 Face model per task (BertForSequenceClassification / BertForTokenClassification).
 """
 from __future__ import annotations
@@ -22,8 +23,9 @@ KINDS = ("classification", "tokens")
 class MultiTaskModel(torch.nn.Module):
     """A BERT-family encoder (with its pooler) and one linear head per task."""
 
-    def __init__(self, encoder, tasks: list[dict], dropout: float):
+    def __init__(self, encoder, tasks: list[dict], dropout: float, balance: str = "tasks"):
         super().__init__()
+        self.balance = balance
         self.encoder = encoder
         self.config = encoder.config
         self.kinds = [t["task"] for t in tasks]
@@ -44,7 +46,7 @@ class MultiTaskModel(torch.nn.Module):
         # every head takes part in every step (a zero term when its task has no rows here), so each
         # parameter has a gradient on every rank: ZeRO reduces the same set of tensors everywhere
         loss = sum(0.0 * p.sum() for p in self.heads.parameters())
-        logits = None
+        logits, present = None, int(sum(bool((task_ids == t).any()) for t in range(len(self.heads))))
         for t, (kind, head) in enumerate(zip(self.kinds, self.heads)):
             mine = task_ids == t
             if not bool(mine.any()):
@@ -53,13 +55,16 @@ class MultiTaskModel(torch.nn.Module):
                 logits = head(pooled[mine])
                 if labels is not None:
                     target = labels[mine] if labels.dim() == 1 else labels[mine][:, 0]
-                    loss = loss + torch.nn.functional.cross_entropy(logits, target) * mine.sum() / rows
+                    loss = loss + torch.nn.functional.cross_entropy(logits, target) * self._share(mine, rows, present)
             else:
                 logits = head(sequence[mine])
                 if labels is not None:
                     loss = loss + torch.nn.functional.cross_entropy(
-                        logits.transpose(1, 2), labels[mine], ignore_index=IGNORE) * mine.sum() / rows
+                        logits.transpose(1, 2), labels[mine], ignore_index=IGNORE) * self._share(mine, rows, present)
         return SimpleNamespace(loss=loss if labels is not None else None, logits=logits)
+
+    def _share(self, mine: torch.Tensor, rows: int, present: int):
+        return 1.0 / present if self.balance == "tasks" else mine.sum() / rows
 
     def task_model(self, t: int, labels: list[str]):
         """Task t as a plain transformers model (the encoder's weights and that head)."""

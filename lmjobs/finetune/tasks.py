@@ -318,7 +318,7 @@ class MultiTask(FinetuneTask):
             raise ValueError(f"multitask needs a BERT-family encoder with a pooler; {self.spec.model.base} is "
                              f"{encoder.config.model_type}")
         dropout = self.spec.model.dropout if self.spec.model.dropout is not None else encoder.config.hidden_dropout_prob
-        model = MultiTaskModel(encoder, self.info["tasks"], dropout)
+        model = MultiTaskModel(encoder, self.info["tasks"], dropout, self.spec.multitask.loss)
         base.freeze(model, self.spec.model.freeze_layers, self.spec.model.freeze_embeddings)
         return model
 
