@@ -206,3 +206,64 @@ def test_multitask_model_mixes_tasks_and_exports_each_as_a_plain_model():
             plain = model.task_model(t, task["labels"]).eval()
             got = plain(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows]).logits
             assert torch.allclose(mine, got, atol=1e-6) and plain.config.id2label[1] == task["labels"][1]
+
+
+def test_fgm_training_buys_accuracy_under_the_same_attack():
+    """A tiny classifier learns a synthetic task (is token 7 in the sequence?), then is fine-tuned
+    on it twice from that one state: on the clean loss, and on the mean of the clean and the FGM
+    loss as `adversarial.train` does.  Under the FGM attack the adversarially trained one holds up
+    better.  (From scratch, an attack this size cancels the first weak signal and nothing is
+    learnt: adversarial training is a fine-tuning tool, which is how lmjobs uses it.)"""
+    import copy
+
+    import torch
+    import transformers
+
+    from lmjobs.finetune.adversarial import AdversarialOutputs, perturbed_embeddings
+
+    def data(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(10, 40, (n, 8), generator=g)
+        labels = torch.randint(0, 2, (n,), generator=g)
+        where = torch.randint(1, 8, (n,), generator=g)
+        ids[labels == 1, where[labels == 1]] = 7
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def train(model, steps, first, epsilon=None):
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for step in range(first, first + steps):
+            batch = data(32, step)
+            out = model(**batch)
+            if epsilon:
+                embeds = perturbed_embeddings(model, batch, "fgm", epsilon)
+                out = AdversarialOutputs(out, model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                                    labels=batch["labels"]))
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return model
+
+    def accuracy(model, batch, epsilon=None):
+        model.eval()
+        rest = {"attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            if epsilon:
+                embeds = perturbed_embeddings(model, batch, "fgm", epsilon)
+                logits = model(inputs_embeds=embeds, **rest).logits
+            else:
+                logits = model(input_ids=batch["input_ids"], **rest).logits
+        return float((logits.argmax(-1) == batch["labels"]).float().mean())
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    base = train(transformers.BertForSequenceClassification(config), 60, 0)
+    held_out, epsilon = data(512, 10_000), 1.5  # measured: attacked plain 0.34, adversarial 0.70 (seeds 1, 2: 0.71/0.88, 0.51/0.72)
+    plain = train(copy.deepcopy(base), 100, 100)
+    adversarial = train(copy.deepcopy(base), 100, 100, epsilon)
+    scores = {name: (accuracy(m, held_out), accuracy(m, held_out, epsilon))
+              for name, m in (("base", base), ("plain", plain), ("adversarial", adversarial))}
+    assert scores["plain"][0] > 0.95 and scores["adversarial"][0] > 0.95, scores  # both still solve it
+    assert scores["plain"][1] < scores["plain"][0] - 0.1, scores  # the attack hurts the plain model
+    assert scores["adversarial"][1] > scores["plain"][1] + 0.1, scores
