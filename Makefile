@@ -45,6 +45,7 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/b1_pretrain.py
 	$(PY) benchmarks/b2_corpus.py
+	$(PY) benchmarks/bf_finetune.py
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache
