@@ -17,8 +17,17 @@ _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _WORD = re.compile(r"\S+")
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")
-_IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
-_PHONE = re.compile(r"(?<!\w)(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{2,4}[\s.-])\d{3,4}[\s.-]\d{3,4}(?!\w)")
+# IPv4: four octets 0-255 without leading zeros, not inside a longer dotted run (1.2.3.4.5,
+# v1.2.3.4) and not all single digits: "1.2.3.4" is far likelier a version than an address, and
+# the few real all-single-digit addresses (1.1.1.1, 8.8.8.8) are public resolvers, not personal.
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.])(?!\d\.\d\.\d\.\d(?!\d)){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+# Phone: the North American 3-3-4 shape (area code maybe in parentheses, optional 1 / +1), or
+# a + country code and digit groups; 10-15 digits either way (E.164 allows at most 15), so
+# lists of numbers ("100 200 300") and dates do not count.
+_PHONE = re.compile(r"(?<![\w+.-])(?:(?:\+?1[ .-]?)?(?:\(\d{3}\) ?|\d{3}[ .-])\d{3}[ .-]\d{4}"
+                    r"|\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?[ .-]?\d+(?:[ .-]\d+)*)(?!\w|[.-]\d)")
+_PHONE_DIGITS = range(10, 16)
 _END_PUNCT = tuple(".!?\"'”’)")
 _BULLETS = ("•", "●", "○", "▪", "-", "*", "–")
 
@@ -34,7 +43,7 @@ def normalize(text: str) -> str:
 def scrub_pii(text: str) -> str:
     text = _EMAIL.sub("<EMAIL>", text)
     text = _IPV4.sub("<IP>", text)
-    return _PHONE.sub("<PHONE>", text)
+    return _PHONE.sub(lambda m: "<PHONE>" if sum(c.isdigit() for c in m[0]) in _PHONE_DIGITS else m[0], text)
 
 
 class QualityRules(Section):

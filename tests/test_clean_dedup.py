@@ -18,6 +18,24 @@ def test_scrub_pii():
     assert scrub_pii("in 1599 the play ran 3.5 hours") == "in 1599 the play ran 3.5 hours"
 
 
+def test_pii_phone_needs_a_phone_shape():
+    for phone in ("+1 (555) 123-4567", "555-123-4567", "(555) 123-4567", "555.123.4567", "1-800-555-0199",
+                  "+44 20 7946 0958", "+49 30 1234567", "+14155550123"):
+        assert scrub_pii(f"call {phone} now") == "call <PHONE> now", phone
+    for numbers in ("100 200 300", "scores 120 340 560 780", "years 1999 2000 2001", "+100 200 300",
+                    "555-123-45678", "ISBN 0-306-40615-2", "on 2023-10-15 at 12:30",
+                    "+" + "1" * 5000 + "a"):  # a long run must not backtrack for ever
+        assert scrub_pii(numbers) == numbers
+
+
+def test_pii_ip_needs_four_octets_and_not_a_version():
+    for ip in ("192.168.10.23", "10.0.0.1", "255.255.255.0", "8.8.4.40"):
+        assert scrub_pii(f"from {ip}.") == "from <IP>.", ip
+    for not_ip in ("version 1.2.3.4", "v1.2.3.40", "1.2.3.4.5", "10.0.19041.1", "192.168.1.256", "10.0.0.1.7",
+                   "01.02.03.04", "v2.10.3.1"):
+        assert scrub_pii(not_ip) == not_ip
+
+
 def test_quality_rules_name_the_rule():
     rules = QualityRules()
     assert quality_failure(PROSE, rules) is None
