@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from typing import Iterator, Literal
 
@@ -216,6 +217,8 @@ def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str)
     if task in ("classification", "pair_classification"):
         out = {f: _text(row, f) for f in TASK_FIELDS[task][:-1]}
         label = row.get("label")
+        if isinstance(label, float) and not math.isfinite(label):  # a TFRecord float_list or JSON NaN
+            raise _Bad("label", f"{label} is not a label (a float that is not finite)")
         if label is None or (isinstance(label, str) and not label.strip()):
             raise _Bad("label", "empty label")
         label = str(label).strip()

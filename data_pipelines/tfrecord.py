@@ -78,47 +78,66 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
             if i + n > len(buf):
                 raise TFRecordError("length-delimited field runs past the message")
             value, i = buf[i:i + n], i + n
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if i + size > len(buf):
+                raise TFRecordError(f"{size}-byte field runs past the message")
+            value, i = buf[i:i + size], i + size
         else:
             raise TFRecordError(f"unsupported protobuf wire type {wire}")
         yield number, wire, value
 
 
 def _values(kind: str, body: bytes) -> list:
+    """The values of one list; a value in a wire type its kind cannot have is corruption."""
     out: list = []
     for number, wire, value in _fields(body):
         if number != 1:
             continue
-        if kind == "bytes_list":
+        if kind == "bytes_list" and wire == 2:
             out.append(bytes(value))
-        elif kind == "float_list":
-            out.extend(struct.unpack(f"<{len(value) // 4}f", value) if wire == 2 else struct.unpack("<f", value))
-        elif wire == 2:  # packed int64s
+        elif kind == "float_list" and wire in (2, 5):  # packed, or one fixed32
+            if len(value) % 4:
+                raise TFRecordError(f"float_list of {len(value)} bytes is not a whole number of 4-byte floats")
+            out.extend(struct.unpack(f"<{len(value) // 4}f", value))
+        elif kind == "int64_list" and wire == 0:
+            out.append(value - (1 << 64) if value >= 1 << 63 else value)
+        elif kind == "int64_list" and wire == 2:  # packed varints
             j = 0
             while j < len(value):
                 v, j = _varint(value, j)
                 out.append(v - (1 << 64) if v >= 1 << 63 else v)
         else:
-            out.append(value - (1 << 64) if value >= 1 << 63 else value)
+            raise TFRecordError(f"{kind} value in protobuf wire type {wire}")
+    return out
+
+
+def _messages(buf: bytes, number: int) -> list[bytes]:
+    """The values of length-delimited field `number` (nested messages, strings)."""
+    out = []
+    for n, wire, value in _fields(buf):
+        if n == number:
+            if wire != 2:
+                raise TFRecordError(f"field {n} in protobuf wire type {wire}, not length-delimited")
+            out.append(value)
     return out
 
 
 def parse_example(payload: bytes) -> dict[str, tuple[str, list]]:
-    """{feature name: (kind, values)}; kind is bytes_list, float_list or int64_list."""
+    """{feature name: (kind, values)}; kind is bytes_list, float_list or int64_list.
+
+    Any payload that is not a well-formed Example raises TFRecordError (or UnicodeDecodeError
+    for a name), so readers can reject the record instead of failing the task.
+    """
     features: dict[str, tuple[str, list]] = {}
-    for number, _, features_msg in _fields(payload):
-        if number != 1:
-            continue
-        for entry_number, _, entry in _fields(features_msg):
-            if entry_number != 1:
-                continue
-            parts = {n: v for n, _, v in _fields(entry)}
-            name = bytes(parts.get(1, b"")).decode("utf-8")
+    for features_msg in _messages(payload, 1):
+        for entry in _messages(features_msg, 1):
+            names, feature = _messages(entry, 1), _messages(entry, 2)
+            name = names[-1].decode("utf-8") if names else ""  # protobuf: the last value wins
             kind, body = "bytes_list", b""
-            for n, _, v in _fields(parts.get(2, b"")):
+            for n, wire, v in _fields(feature[-1] if feature else b""):
+                if n in _KINDS and wire != 2:
+                    raise TFRecordError(f"feature '{name}': {_KINDS[n]} in protobuf wire type {wire}")
                 kind, body = _KINDS.get(n, f"field {n}"), v
             features[name] = (kind, _values(kind, body) if kind in _KINDS.values() else [])
     return features

@@ -126,6 +126,29 @@ def test_tfrecord_examples_and_corrupt_records(tmp_path):
     assert reject["row"].startswith("record 2") and reject["reason"] == "bad TFRecord data CRC"
 
 
+def test_tfrecord_bad_floats_are_rejects_and_counts_reconcile(tmp_path):
+    good = frame(encode_example({"sentence": ["a fine film"], "label": [1]}))
+    nan = frame(encode_example({"sentence": ["not a number"], "label": [float("nan")]}))
+    inf = frame(encode_example({"sentence": ["infinite"], "label": [float("inf")]}))
+
+    def pb(number: int, payload: bytes) -> bytes:  # one length-delimited protobuf field, short payload
+        return bytes([number << 3 | 2, len(payload)]) + payload
+
+    sentence = pb(1, pb(1, b"sentence") + pb(2, pb(1, pb(1, b"odd floats"))))
+    score = pb(1, pb(1, b"score") + pb(2, pb(2, pb(1, b"\x00" * 5))))  # 5 bytes: not whole floats
+    path = tmp_path / "floats.tfrecord"
+    path.write_bytes(good + nan + inf + frame(pb(1, sentence + score)))
+    out = ingest(_spec(tmp_path, "classification", [{"path": str(path), "format": "tfrecord",
+                                                      "columns": {"text": "sentence"}}]), progress=lambda *_: None)
+    assert out["read"] == 4 and out["splits"]["train"]["rows"] == 1 and out["rejected"] == 3
+    assert out["inputs"][0] == {"path": str(path), "split": "train", "read": 4, "kept": 1, "rejected": 3}
+    rejects = [json.loads(x) for x in (tmp_path / "out/t/rejects.jsonl").read_text().splitlines()]
+    assert [r["row"].split(" (")[0] for r in rejects] == ["record 2", "record 3", "record 4"]
+    assert rejects[0]["reason"] == "field 'label': nan is not a label (a float that is not finite)"
+    assert rejects[1]["reason"] == "field 'label': inf is not a label (a float that is not finite)"
+    assert rejects[2]["reason"].startswith("bad tf.train.Example: float_list")
+
+
 def test_spec_checks_column_names(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: data_ingest\nname: x\ntask: classification\n"

@@ -2,6 +2,7 @@
 import json
 import pathlib
 import random
+import struct
 
 import pytest
 
@@ -101,6 +102,51 @@ def test_tfrecord_source_real_file_and_corrupt_record(tmp_path):
         "", "bad TFRecord data CRC", "feature 'text' is int64_list, not bytes_list", "missing feature 'text'",
         "truncated TFRecord header"]))
     assert recs[0]["text"] == "first doc"
+
+
+def _pb(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (payloads under 128 bytes: one-byte length)."""
+    assert len(payload) < 128
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def _example_with_score(text: str, score_list: bytes) -> bytes:
+    """An Example with bytes feature 'text' and a feature 'score' whose float_list is `score_list`."""
+    text_feature = _pb(1, _pb(1, text.encode()))  # bytes_list { value }
+    return _pb(1, _pb(1, _pb(1, b"text") + _pb(2, text_feature)) + _pb(1, _pb(1, b"score") + _pb(2, _pb(2, score_list))))
+
+
+def test_tfrecord_malformed_float_list_is_a_reject():
+    from data_pipelines.tfrecord import frame
+
+    good = _example_with_score("kept doc", _pb(1, struct.pack("<2f", 0.5, 1.5)))
+    parts = [frame(good),
+             frame(_example_with_score("odd bytes", _pb(1, b"\x00" * 5))),  # packed floats: 5 bytes
+             frame(_example_with_score("cut fixed32", bytes([1 << 3 | 5]) + b"\x00\x00")),  # 2 of 4 bytes
+             frame(_example_with_score("float as varint", bytes([1 << 3 | 0, 7])))]
+    offsets = [sum(len(p) for p in parts[:k]) for k in range(len(parts))]
+    recs = list(read_records(b"".join(parts), "x.tfrecord", SourceSection(path="x", format="tfrecord")))
+    assert [r["offset"] for r in recs] == offsets  # one record each: read = kept + rejected
+    assert recs[0]["text"] == "kept doc" and not recs[0]["reason"]
+    assert all(r["reason"].startswith("bad tf.train.Example: ") for r in recs[1:]), [r["reason"] for r in recs]
+    assert "float_list" in recs[1]["reason"] and "past the message" in recs[2]["reason"]
+
+
+def test_tfrecord_parser_raises_only_tfrecorderror_on_corrupt_payloads():
+    """Payloads whose CRC is fine but whose bytes are not an Example (bit rot before framing,
+    a buggy writer): every one is a TFRecordError, never a crash of the read task."""
+    from data_pipelines.tfrecord import TFRecordError, encode_example, parse_example
+
+    payload = encode_example({"text": ["some text here"], "score": [0.5, 1.5], "ids": [3, -1]})
+    rng = random.Random(0)
+    for _ in range(5000):
+        corrupt = bytearray(payload)
+        for _ in range(rng.randint(1, 3)):
+            corrupt[rng.randrange(len(corrupt))] = rng.randrange(256)
+        try:
+            parse_example(bytes(corrupt))
+        except (TFRecordError, UnicodeDecodeError):
+            pass
 
 
 def test_saved_hf_dataset_source(tmp_path):
