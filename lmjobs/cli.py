@@ -18,65 +18,33 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args, kind: str | None):
-    from lmjobs.config import KINDS
+    from lmjobs.runner import KINDS, REGISTRY
 
     overrides = list(args.overrides)
     if getattr(args, "address", None):
-        field = "address" if kind in ("data_prepare", "label") else "scaling.address"
-        overrides.append(f"{field}={args.address}")
+        overrides.append(f"{REGISTRY[kind].address_field}={args.address}")
     return load_spec(args.spec, KINDS, overrides, expect_kind=kind)
 
 
 def cmd_validate(args) -> int:
+    from lmjobs.runner import missing_paths
+
     spec = _load(args, None)
+    missing = missing_paths(spec)
+    if missing:
+        raise SpecError(args.spec, [f"{field}: {path} does not exist" for field, path in missing])
     print(f"{args.spec}: valid {spec.kind} spec '{spec.name}'")
     return 0
 
 
-def cmd_pretrain(args) -> int:
-    spec = _load(args, "pretrain")  # before any cluster work
-    from lmjobs.pretrain.driver import run
+def cmd_kind(args) -> int:
+    """Any registered job kind: validate the spec (before any cluster work), run, summarise."""
+    from lmjobs import runner
 
-    out = run(spec)
-    print(f"[pretrain] done: loss {out['first_loss']:.4f} -> {out['final_loss']:.4f} in {out['steps']} steps")
-    print(f"  run directory : {out['run_dir']}")
-    print(f"  checkpoint    : {out['checkpoint']}")
-    print(f"  metrics       : {out['metrics']}")
-    print(f"  loss curve    : {out['loss_plot']}")
-    return 0
-
-
-def cmd_finetune(args) -> int:
-    spec = _load(args, "finetune")  # before any cluster work
-    from lmjobs.finetune.driver import run
-
-    out = run(spec)
-    held = "  ".join(f"{k} {v:.4f}" for k, v in out.get("eval", {}).items())
-    print(f"[finetune] done: {out['task']}, loss {out['first_loss']:.4f} -> {out['final_loss']:.4f} in "
-          f"{out['steps']} steps; held-out: {held or 'none'}")
-    print(f"  run directory : {out['run_dir']}")
-    print(f"  checkpoint    : {out['checkpoint']}  (lmjobs export CHECKPOINT DIR -> Hugging Face directory)")
-    print(f"  report        : {out.get('report', '-')}")
-    print(f"  metrics       : {out['metrics']}")
-    print(f"  plots         : {', '.join(out['plots'])}")
-    if "self_training" in out:
-        for r in out["rounds"]:
-            held = "  ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
-            print(f"  round {r['round']}       : {r['pseudo_rows']} pseudo-labelled rows; {held}")
-        print(f"  self-training : {out['self_training']}")
-    return 0
-
-
-def cmd_label(args) -> int:
-    spec = _load(args, "label")
-    from lmjobs.label import run
-
-    out = run(spec)
-    print(f"[label] {out['read']} rows labelled at {out['rows_per_s']:.0f} rows/s, mean confidence "
-          f"{out['mean_confidence']:.3f}; {out['kept']} at or above {spec.min_confidence:g}")
-    print(f"  every row (text, label, confidence) : {out['labels']}")
-    print(f"  labelled set (lmjobs finetune data) : {out['dir']}/train.parquet")
-    print(f"  manifest                            : {out['dir']}/manifest.json")
+    spec = _load(args, args.kind)
+    out = runner.run(spec)
+    for line in runner.summary(spec, out):
+        print(line)
     return 0
 
 
@@ -90,33 +58,35 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_data(args) -> int:
-    if args.action == "prepare":
-        spec = _load(args, "data_prepare")  # before any cluster work
-        from data_pipelines.prepare import prepare
-
-        out = prepare(spec)
-        print_stats(out)
-        print(f"  dataset   : {out['dir']}")
-        print(f"  manifest  : {out['manifest']}")
-        print(f"  rejects   : {out['dir']}/rejects/" if out["counts"]["total"]["rejected"] else "  rejects   : none")
-        return 0
-    if args.action == "ingest":
-        spec = _load(args, "data_ingest")
-        from data_pipelines.labelled import ingest
-
-        out = ingest(spec)
-        print_labelled_stats(out)
-        print(f"  dataset   : {out['dir']}")
-        print(f"  manifest  : {out['manifest']}")
-        print(f"  rejects   : {out['dir']}/rejects.jsonl ({out['rejected']})")
-        return 0
+def cmd_data_stats(args) -> int:
     from cluster import storage
 
     path = args.path if args.path.endswith(".json") else storage.join(args.path, "manifest.json")
     manifest = json.loads(storage.read_text(path))
     (print_labelled_stats if "task" in manifest else print_stats)(manifest)
     return 0
+
+
+def prepare_summary(out: dict) -> list[str]:
+    import contextlib
+    import io
+
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        print_stats(out)
+    return [*table.getvalue().splitlines(), f"  dataset   : {out['dir']}", f"  manifest  : {out['manifest']}",
+            f"  rejects   : {out['dir']}/rejects/" if out["counts"]["total"]["rejected"] else "  rejects   : none"]
+
+
+def ingest_summary(out: dict) -> list[str]:
+    import contextlib
+    import io
+
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        print_labelled_stats(out)
+    return [*table.getvalue().splitlines(), f"  dataset   : {out['dir']}", f"  manifest  : {out['manifest']}",
+            f"  rejects   : {out['dir']}/rejects.jsonl ({out['rejected']})"]
 
 
 def print_labelled_stats(m: dict) -> None:
@@ -182,11 +152,6 @@ def cmd_cluster(args) -> int:
     return 0
 
 
-# how each spec kind runs: the CLI words before the spec path
-KIND_COMMANDS = {"pretrain": ["pretrain"], "finetune": ["finetune"], "label": ["label"],
-                 "data_prepare": ["data", "prepare"], "data_ingest": ["data", "ingest"]}
-
-
 def cmd_submit(args) -> int:
     import pathlib
 
@@ -195,7 +160,7 @@ def cmd_submit(args) -> int:
     from cluster import jobs
     from cluster.spec import resolved_dict
 
-    from lmjobs.config import KINDS
+    from lmjobs.runner import KINDS, REGISTRY
 
     spec = load_spec(args.spec, KINDS, args.overrides)  # validated before any cluster work; --address is the Jobs API's
     data = resolved_dict(spec)
@@ -204,7 +169,7 @@ def cmd_submit(args) -> int:
         raise jobs.JobsError(f"output.root: '{root}' is relative; a submitted job runs in a temporary working "
                              "dir on the cluster, so give an absolute path on the cluster or s3://BUCKET/PREFIX "
                              "(a retried job resumes from there)")
-    sub = jobs.Submission(kind=spec.kind, name=spec.name, command=KIND_COMMANDS[spec.kind],
+    sub = jobs.Submission(kind=spec.kind, name=spec.name, command=list(REGISTRY[spec.kind].words),
                           spec_yaml=yaml.safe_dump(data, sort_keys=False), submit=spec.submit,
                           working_dir=pathlib.Path(args.working_dir).resolve() if args.working_dir else jobs.project_root())
     job_id, status = jobs.submit(sub, args.address, follow=args.follow, wait_for_end=args.wait)
@@ -251,6 +216,24 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def _add_kind_commands(sub, groups: dict) -> None:
+    """One command per registered job kind (lmjobs.runner.REGISTRY): `lmjobs WORDS SPEC.yaml`."""
+    from lmjobs.runner import REGISTRY
+
+    for kind in REGISTRY.values():
+        *group, word = kind.words
+        parent = sub
+        if group:
+            if group[0] not in groups:
+                groups[group[0]] = sub.add_parser(group[0]).add_subparsers(dest="action", required=True)
+            parent = groups[group[0]]
+        p = parent.add_parser(word, help=kind.help)
+        _add_spec_args(p)
+        if kind.address_field:
+            p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
+        p.set_defaults(func=cmd_kind, kind=kind.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmjobs", description="Distributed language-model jobs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -259,37 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("pretrain", help="pre-train a causal LM on Ray Train + DeepSpeed")
-    _add_spec_args(p)
-    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser("finetune", help="fine-tune a Hugging Face / lmjobs model on labelled data "
-                       "(SFT, classification, tokens, QA)")
-    _add_spec_args(p)
-    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
-    p.set_defaults(func=cmd_finetune)
-
-    p = sub.add_parser("label", help="label texts with a fine-tuned classifier (Ray Data batch inference, actor pool)")
-    _add_spec_args(p)
-    p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
-    p.set_defaults(func=cmd_label)
-
     p = sub.add_parser("export", help="a checkpoint as a Hugging Face directory (config, safetensors, tokenizer)")
     p.add_argument("checkpoint", help="checkpoint directory, local or s3:// (RUN_DIR/checkpoint_stepNNNNNNN)")
     p.add_argument("out_dir", help="where to write the Hugging Face directory (local or s3://)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="corpus -> packed shards; labelled data -> canonical parquet; statistics")
-    dsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    prep = dsub.add_parser("prepare", help="clean, dedup, tokenise and pack a corpus (kind: data_prepare)")
-    _add_spec_args(prep)
-    prep.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else embedded)")
-    ing = dsub.add_parser("ingest", help="labelled files -> canonical parquet per split (kind: data_ingest)")
-    _add_spec_args(ing)
-    stats = dsub.add_parser("stats", help="print a prepared or ingested dataset's manifest as a table")
+    groups = {"data": p.add_subparsers(dest="action", required=True, metavar="ACTION")}
+    stats = groups["data"].add_parser("stats", help="print a prepared or ingested dataset's manifest as a table")
     stats.add_argument("path", help="dataset directory or manifest.json (local or s3://)")
-    p.set_defaults(func=cmd_data)
+    stats.set_defaults(func=cmd_data_stats)
+    _add_kind_commands(sub, groups)
 
     p = sub.add_parser("cluster", help="a local Ray head on this machine (127.0.0.1, token auth)")
     csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

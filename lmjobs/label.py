@@ -126,3 +126,11 @@ def run(spec: LabelSpec, progress=print) -> dict:
                 "rows_per_s": len(texts) / max(seconds, 1e-9), "config": resolved_dict(spec)}
     storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2), cfg)
     return {"dir": out, "labels": storage.join(out, "labels.jsonl"), **manifest}
+
+
+def summary(out: dict) -> list[str]:
+    return [f"[label] {out['read']} rows labelled at {out['rows_per_s']:.0f} rows/s, mean confidence "
+            f"{out['mean_confidence']:.3f}; {out['kept']} at or above {out['config']['min_confidence']:g}",
+            f"  every row (text, label, confidence) : {out['labels']}",
+            f"  labelled set (lmjobs finetune data) : {out['dir']}/train.parquet",
+            f"  manifest                            : {out['dir']}/manifest.json"]

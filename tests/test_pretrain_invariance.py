@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cluster.spec import load_spec
-from lmjobs.config import KINDS
+from lmjobs.runner import KINDS
 from lmjobs.pretrain.driver import run
 from tests.conftest import REPO
 

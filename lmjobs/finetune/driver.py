@@ -12,10 +12,9 @@ from cluster.spec import resolved_dict
 from data_pipelines.labelled import read_manifest, read_split
 from lmjobs.finetune import base, features, multitask
 from lmjobs.config import FinetuneSpec
-from lmjobs.finetune.worker import train_loop_per_worker
+from lmjobs import runner
 from lmjobs.plots import confusion, loss_curve, metric_curve
-from lmjobs.pretrain import driver as train_driver
-from lmjobs.pretrain.data import memory_chunks, rank_dataset
+from lmjobs.pretrain.data import memory_chunks
 
 HEADLINE = {"classification": "val_accuracy", "tokens": "val_f1", "qa": "val_f1", "sft": "val_loss"}
 
@@ -81,9 +80,20 @@ def build_features(task: str, rows: list[dict], tokenizer, labels, data) -> tupl
     return features.sft(rows, tokenizer, data.max_seq_len, data.pack), {"prompts": rows}
 
 
-def prepare(spec: FinetuneSpec, extra_rows: list[dict] | None = None) -> dict:
-    """Everything before the cluster: data read and checked, base model resolved, features.
-    extra_rows: more training rows (self-training's pseudo labels)."""
+def prepare(spec: FinetuneSpec, extra_rows: list[dict] | None = None) -> runner.Prepared:
+    """Everything before the cluster: data read and checked, base model resolved, features; the
+    spec comes back with train.steps resolved from epochs.  extra_rows: more training rows
+    (self-training's pseudo labels)."""
+    prepared = prepare_multitask(spec) if spec.multitask is not None else _prepare_single(spec, extra_rows)
+    info = prepared["info"]
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": info["steps"], "epochs": None})})
+    weights = np.asarray(prepared["weights"], dtype=np.float64)
+    return runner.Prepared(spec=spec, sources=prepared["sources"], weights_at=lambda step: weights,
+                           payload={"info": info, "base_dir": prepared["base_dir"]}, info=info, val=prepared["val"],
+                           group_by_length=spec.data.group_by_length)
+
+
+def _prepare_single(spec: FinetuneSpec, extra_rows: list[dict] | None = None) -> dict:
     cfg = spec.output.storage
     directory, manifest = read_manifest(spec.data.source, cfg)
     task = "classification" if manifest["task"] == "pair_classification" else manifest["task"]
@@ -190,41 +200,25 @@ def self_train(spec: FinetuneSpec) -> dict:
                                                spec.eval.eval_batch_size, st.num_actors, st.cpus_per_actor)
         pseudo = [{"text": t, "label": lab} for t, lab, c in zip(texts, labels, confidence) if c >= st.threshold]
     summary = {"unlabelled": source, "unlabelled_rows": len(texts), "threshold": st.threshold, "rounds": rounds}
-    uri = storage.join(train_driver.run_root(spec), spec.name, "self_training.json")
+    uri = storage.join(runner.run_dir_of(spec), "self_training.json")
     storage.write_text(uri, json.dumps(summary, indent=2), cfg)
     return {**out, "self_training": uri, "rounds": rounds}
 
 
 def run_once(spec: FinetuneSpec, extra_rows: list[dict] | None = None) -> dict:
-    cfg = spec.output.storage
-    # before any cluster work: bad data or a missing model fail here
-    prepared = prepare_multitask(spec) if spec.multitask is not None else prepare(spec, extra_rows)
-    info = prepared["info"]
-    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": info["steps"], "epochs": None})})
-    run_dir = storage.join(train_driver.run_root(spec), spec.name)
+    prepared = prepare(spec, extra_rows)  # before any cluster work: bad data or a missing model fail here
+    info, spec = prepared.info, prepared.spec
+    run_dir = runner.run_dir_of(spec)
     print(f"[finetune] {info['task']}: {info['train_rows']} training rows, {info['eval_rows']} eval rows, "
           f"{info['steps']} steps of {spec.global_batch_size}", flush=True)
-    train_driver.start(spec, run_dir)
-    first = min(train_driver.resume_step(run_dir, cfg), spec.train.steps)
-    sources = prepared["sources"]
-    world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
-    weights = np.asarray(prepared["weights"], dtype=np.float64)
-    weights_at = lambda step: weights  # noqa: E731 - fixed mixture weights
-    train_sets = {f"train_{rank}": rank_dataset(sources, weights_at, spec.train.seed, rank, world, micro, first,
-                                                spec.train.steps - first, accum, cfg, train_driver.DATA_TASK_CPUS,
-                                                spec.data.group_by_length)
-                  for rank in range(world)}
-    result = train_driver.fit(spec, train_loop_per_worker,
-                              {"spec": resolved_dict(spec), "run_dir": run_dir, "info": info,
-                               "base_dir": prepared["base_dir"], "val": prepared["val"], "data_start_step": first},
-                              train_sets)
-    return {**report(spec, run_dir, info), "checkpoint": train_driver.checkpoint_uri(spec, result)}
+    result = runner.launch(prepared, run_dir)
+    return {**report(spec, run_dir, info), "checkpoint": runner.checkpoint_uri(spec, result)}
 
 
 def report(spec: FinetuneSpec, run_dir: str, info: dict) -> dict:
     """loss.png, the learning curve of the headline metric, the confusion matrix, report.md."""
     cfg = spec.output.storage
-    history = train_driver.history(run_dir, cfg)
+    history = runner.history(run_dir, cfg)
     steps = [m for m in history if "loss" in m]  # without the step-0 baseline (eval_at_start)
     out = {"run_dir": run_dir, "metrics": storage.join(run_dir, "metrics.jsonl"), "task": info["task"],
            "first_loss": steps[0]["loss"], "final_loss": steps[-1]["loss"], "steps": steps[-1]["step"],
@@ -267,3 +261,20 @@ def report(spec: FinetuneSpec, run_dir: str, info: dict) -> dict:
     out["report"] = storage.join(run_dir, "report.md")
     storage.write_text(out["report"], "\n".join(lines), cfg)
     return out
+
+
+def summary(out: dict) -> list[str]:
+    held = "  ".join(f"{k} {v:.4f}" for k, v in out.get("eval", {}).items())
+    lines = [f"[finetune] done: {out['task']}, loss {out['first_loss']:.4f} -> {out['final_loss']:.4f} in "
+             f"{out['steps']} steps; held-out: {held or 'none'}",
+             f"  run directory : {out['run_dir']}",
+             f"  checkpoint    : {out['checkpoint']}  (lmjobs export CHECKPOINT DIR -> Hugging Face directory)",
+             f"  report        : {out.get('report', '-')}",
+             f"  metrics       : {out['metrics']}",
+             f"  plots         : {', '.join(out['plots'])}"]
+    if "self_training" in out:
+        for r in out["rounds"]:
+            held = "  ".join(f"{k} {v:.4f}" for k, v in r["eval"].items())
+            lines.append(f"  round {r['round']}       : {r['pseudo_rows']} pseudo-labelled rows; {held}")
+        lines.append(f"  self-training : {out['self_training']}")
+    return lines

@@ -1,4 +1,4 @@
-"""Fine-tuning tasks for the shared loop (lmjobs.loop.Task): model with the task's head, inputs,
+"""Fine-tuning tasks for the shared Trainer (lmjobs.trainer.Task): model with the task's head, inputs,
 loss, distributed evaluation with the task's metrics, and the Hugging Face export.
 
 Evaluation: each rank forwards every world-th row of the eval features (padded with repeats so
@@ -21,7 +21,7 @@ from lmjobs.config import FinetuneSpec
 from lmjobs.finetune import base, metrics
 from lmjobs.finetune.adversarial import AdversarialOutputs, perturbed_embeddings
 from lmjobs.finetune.features import IGNORE, sft_pieces
-from lmjobs.loop import num_params_m, world_size
+from lmjobs.trainer import num_params_m, world_size
 from lmjobs.models import num_params
 
 FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions", "task_ids")
@@ -234,7 +234,8 @@ class QuestionAnswering(FinetuneTask):
     def scores(self, strategy, val):
         def collect(outputs, inputs):
             n = inputs["attention_mask"].sum(1)
-            s, e = outputs.start_logits.float(), outputs.end_logits.float()
+            # to the host first: .numpy() refuses CUDA tensors
+            s, e, n = outputs.start_logits.float().cpu(), outputs.end_logits.float().cpu(), n.cpu()
             return [(s[i, :n[i]].numpy(), e[i, :n[i]].numpy()) for i in range(len(n))]
 
         rows = predict(strategy, val["features"], self.spec.eval.eval_batch_size, collect)
@@ -350,3 +351,8 @@ TASK_CLASSES = {"classification": Classification, "tokens": Tokens, "qa": Questi
 
 def build(spec: FinetuneSpec, info: dict, base_dir: str, run_dir: str) -> FinetuneTask:
     return TASK_CLASSES[info["task"]](spec, info, base_dir, run_dir)
+
+
+def build_task(spec: FinetuneSpec, payload: dict, rank: int, world: int, run_dir: str) -> tuple[FinetuneTask, None]:
+    """In a Train worker (lmjobs.runner): the task; the held-out features come in the job's config."""
+    return build(spec, payload["info"], payload["base_dir"], run_dir), None

@@ -1,5 +1,5 @@
-"""Pre-training's side of the shared loop (lmjobs.loop): the `PretrainTask` (objective, model,
-held-out loss, export) and the Ray Train adapter that wires dataset shards and checkpoints in.
+"""Pre-training's side of the shared Trainer (lmjobs.trainer): the `PretrainTask` (objective,
+model, held-out loss, export) and `build_task`, what lmjobs.runner's worker adapter calls.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lmjobs.config import PretrainSpec
-from lmjobs.loop import RayReporter, cpu_threads, mean_across_ranks, measure_peak_tflops, num_params_m, train
+from lmjobs.trainer import mean_across_ranks, num_params_m
 from lmjobs.models import build_model, num_params
 from lmjobs.pretrain import objectives
 from lmjobs.strategy import DeepSpeedStrategy
@@ -140,25 +140,7 @@ def _held_out(spec: PretrainSpec, rank: int, world: int) -> list:
     return [(j, batches[j]) for j in picks]
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point: wires the dataset shard, the rank and checkpoints into `train`."""
-    import ray.train
-
-    spec = PretrainSpec.model_validate(config["spec"])
-    cpu_threads(spec)
-    # measured first, before data iterators and DeepSpeed run threads in this process: measured
-    # later, a busy worker under-reads its peak and MFU came out above 100 %
-    peak = spec.train.peak_tflops or measure_peak_tflops(spec.deepspeed.precision)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    shard = ray.train.get_dataset_shard(f"train_{rank}")
-    batches = shard.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy")
-    val_batches = _held_out(spec, rank, world) if config["has_val"] else None
-    task = PretrainTask(spec, config["vocab_size"], config["tokenizer_json"])
-    checkpoint = ray.train.get_checkpoint()
-    args = (config["run_dir"], val_batches, config["data_start_step"], peak)
-    if checkpoint is None:
-        train(spec, task, batches, rank, RayReporter(), None, *args)
-        return
-    with checkpoint.as_directory() as directory:
-        train(spec, task, batches, rank, RayReporter(), directory, *args)
+def build_task(spec: PretrainSpec, payload: dict, rank: int, world: int, run_dir: str) -> tuple[PretrainTask, list | None]:
+    """In a Train worker: the task, and this rank's held-out micro-batches (None without a val set)."""
+    val_batches = _held_out(spec, rank, world) if payload["has_val"] else None
+    return PretrainTask(spec, payload["vocab_size"], payload["tokenizer_json"]), val_batches

