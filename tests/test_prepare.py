@@ -239,6 +239,37 @@ def test_prepare_all_bad_fails_clearly(ray_cluster, tmp_path):
         prepare(spec, progress=lambda *_: None)
 
 
+def _small_spec(name, sources, root, **over):
+    """Fast settings for tiny corpora: no quality rules, exact dedup only, a character tokenizer."""
+    return DataPrepareSpec.model_validate({
+        "kind": "data_prepare", "name": name, "sources": sources, "clean": {"quality": None},
+        "dedup": {"near": False}, "tokenizer": {"kind": "char"}, "pack": {"seq_len": 16, "val_fraction": 0.2},
+        "output": {"root": str(root)}, **over})
+
+
+@pytest.mark.ray
+def test_prepare_fortune_file_records_reconcile(ray_cluster, tmp_path):
+    fortunes = [f"Fortune number {i}: a wise saying about {w}.\n\t-- Someone {i}"
+                for i, w in enumerate(["cats", "rain", "bread", "ships", "maps", "salt", "wind", "glass"])]
+    fortunes.append("x" * 300)  # oversize: a reject
+    path = tmp_path / "fortunes"
+    path.write_text("%\n" + "\n%\n".join(fortunes) + "\n%\n\n%\n")  # empty records between: skipped
+    spec = _small_spec("fortunes", [{"path": str(path), "split": {"separator": "%"}, "max_record_bytes": 200}],
+                       tmp_path / "out", output={"root": str(tmp_path / "out"), "write_status": True})
+    result = prepare(spec, progress=lambda *_: None)
+    total = result["counts"]["total"]
+    assert total["read"] == len(fortunes) == total["kept"] + total["rejected"]
+    assert total["kept"] == 8 and total["rejected"] == 1
+    manifest = json.loads(pathlib.Path(result["manifest"]).read_text())
+    assert manifest["counts"] == result["counts"] and manifest["config"]["sources"][0]["split"] == {"separator": "%"}
+    import pyarrow.parquet as pq
+
+    status = pq.read_table(pathlib.Path(result["dir"]) / "status").to_pylist()
+    data = path.read_bytes()
+    kept = sorted((r["offset"] for r in status if r["status"] == "kept"))
+    assert [data[o:].split(b"\n%")[0].decode() for o in kept] == fortunes[:8]  # each record, whole
+
+
 @pytest.mark.ray
 def test_prepare_from_s3_equals_local(ray_cluster, s3_bucket, corpus, tmp_path):
     bucket, cfg = s3_bucket
