@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import os
 import time
 from typing import Literal
 
@@ -244,7 +245,8 @@ class _Names(FilenameProvider):
 # -- driver -----------------------------------------------------------------------------------
 
 def prepare(spec: DataPrepareSpec, progress=print) -> dict:
-    """Run the corpus pipeline; stages hand over through parquet under OUT/_stage, never memory."""
+    """Run the corpus pipeline into a sibling of OUT and swap the result in only once it is
+    complete: a re-run that fails leaves the previous dataset and its manifest as they were."""
     from cluster.connect import connect
 
     cfg = spec.output.storage
@@ -252,6 +254,50 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
                        else storage.resolve(spec.output.root)[1], spec.name)
     files = [(si, p) for si, src in enumerate(spec.sources) for p in expand(src, cfg)]  # fail early
     connect(spec.address)
+    work = storage.join(out.rsplit("/", 1)[0], f".{spec.name}.partial")
+    storage.delete(work, cfg)  # what a crashed run left behind
+    try:
+        manifest = _build(spec, files, work, progress)
+    except BaseException:
+        storage.delete(work, cfg)
+        raise
+    _swap_in(work, out, cfg)
+    return {"manifest": storage.join(out, "manifest.json"), "dir": out, **manifest}
+
+
+# what prepare owns in OUT/ (files of the user's there stay); _stage: a crashed older run's
+_OUTPUTS = ("train", "val", "rejects", "status", "tokenizer.json", "_stage")
+
+
+def _swap_in(work: str, out: str, cfg: StorageConfig) -> None:
+    """Replace the dataset in `out` by the complete one in `work`.
+
+    The old manifest goes first, so no reader pairs a manifest with another run's shards (during
+    the swap there is no dataset, and readers say so); the new manifest comes last.  Should the
+    swap itself fail, `work` still holds the whole new dataset.
+    """
+    storage.delete(storage.join(out, "manifest.json"), cfg)
+    for name in (*_OUTPUTS, "manifest.json"):
+        src, dst = storage.join(work, name), storage.join(out, name)
+        storage.delete(dst, cfg)
+        if not storage.exists(src, cfg):
+            continue
+        fs, src_path = storage.resolve(src, cfg)
+        dst_path = storage.resolve(dst, cfg)[1]
+        if not storage.is_remote(src):  # one rename on the same disk
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.replace(src_path, dst_path)
+            continue
+        # S3 has no rename: server-side copies, file by file (a file lists no files below it)
+        for rel in storage.list_files(src, cfg) or [""]:
+            fs.copy_file(f"{src_path}/{rel}".rstrip("/"), f"{dst_path}/{rel}".rstrip("/"))
+    storage.delete(work, cfg)
+
+
+def _build(spec: DataPrepareSpec, files: list[tuple[int, str]], out: str, progress) -> dict:
+    """The whole dataset in `out`, manifest last; stages hand over through parquet under
+    OUT/_stage, never memory.  Returns the manifest."""
+    cfg = spec.output.storage
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic output for a given seed
     t0 = time.perf_counter()
@@ -260,8 +306,6 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
     def lap(stage_name: str) -> None:
         seconds[stage_name] = round(time.perf_counter() - t0 - sum(seconds.values()), 2)
     fs, out_path = storage.resolve(out, cfg)
-    for old in ("manifest.json", "train", "val", "rejects", "status", "_stage"):  # a previous run's
-        storage.delete(storage.join(out, old), cfg)
 
     # 1. read + clean + signatures, streamed to the stage: one fused task per source file (read,
     #    clean and write in one pass, so no queue of raw records builds up in the object store)
@@ -337,9 +381,8 @@ def prepare(spec: DataPrepareSpec, progress=print) -> dict:
         "seconds": round(time.perf_counter() - t0, 2),
         "stage_seconds": seconds,
     }
-    manifest_uri = storage.join(out, "manifest.json")
-    storage.write_text(manifest_uri, json.dumps(manifest, indent=2), cfg)  # last, atomically
-    return {"manifest": manifest_uri, "dir": out, **manifest}
+    storage.write_text(storage.join(out, "manifest.json"), json.dumps(manifest, indent=2), cfg)  # last, atomically
+    return manifest
 
 
 def _duplicates(stage: list[str], out: str, dedup: DedupSection, cfg: StorageConfig) -> tuple[np.ndarray, np.ndarray]:

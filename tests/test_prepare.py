@@ -271,6 +271,40 @@ def test_prepare_fortune_file_records_reconcile(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
+def test_failed_rerun_keeps_the_previous_dataset(ray_cluster, tmp_path):
+    import hashlib
+
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.jsonl"
+    good.write_text("\n".join(f"line {i} of a small and varied corpus, number {i * 7}" for i in range(40)))
+    bad.write_bytes(b"nope\n{]\n")
+    root = tmp_path / "out"
+
+    def files_and_hashes():
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}
+
+    first = prepare(_small_spec("ds", [{"path": str(good), "split": "line"}], root), progress=lambda *_: None)
+    (root / "ds" / "NOTES.md").write_text("the user's own file")
+    before = files_and_hashes()
+    assert "ds/manifest.json" in before and any(k.startswith("ds/train/") for k in before)
+
+    # fails late, after reading: with the old code the previous dataset was already deleted
+    with pytest.raises(RuntimeError, match="no record survived"):
+        prepare(_small_spec("ds", [{"path": str(bad), "format": "jsonl"}], root), progress=lambda *_: None)
+    assert files_and_hashes() == before  # old manifest, shards, tokenizer, user file; no partial left over
+
+    # a re-run that succeeds replaces every output: no shard of the first run outlives it
+    second = prepare(_small_spec("ds", [{"path": str(good), "split": "line"}], root, pack={"seq_len": 8}),
+                     progress=lambda *_: None)
+    assert second["seq_len"] == 8 and second["dir"] == first["dir"]
+    after = files_and_hashes()
+    assert after["ds/NOTES.md"] == before["ds/NOTES.md"] and after["ds/manifest.json"] != before["ds/manifest.json"]
+    shards = {f"ds/{s}" for split in ("train", "val") for s in second["shards"][split]}
+    assert {k for k in after if k.startswith(("ds/train/", "ds/val/"))} == shards
+    assert set(after) == shards | {"ds/manifest.json", "ds/tokenizer.json", "ds/NOTES.md"}
+
+
+@pytest.mark.ray
 def test_prepare_from_s3_equals_local(ray_cluster, s3_bucket, corpus, tmp_path):
     bucket, cfg = s3_bucket
     corpus_dir, _ = corpus
@@ -288,6 +322,19 @@ def test_prepare_from_s3_equals_local(ray_cluster, s3_bucket, corpus, tmp_path):
     s3_hashes = _shard_hashes(result, cfg, rejects=False)  # rejects name their (different) source path
     assert len(s3_hashes) > 3 and s3_hashes == _shard_hashes(local, rejects=False)  # same bytes, file for file
     assert local["counts"]["total"] == result["counts"]["total"]
+
+    # a re-run that fails late leaves the dataset on S3 as it was, and no partial prefix behind
+    manifest = storage.read_bytes(result["manifest"], cfg)
+    (tmp_path / "bad.jsonl").write_bytes(b"nope\n{]\n")
+    failing = spec_for(f"{bucket}/raw", f"{bucket}/prepared", sources=[{"path": str(tmp_path / "bad.jsonl"),
+                                                                         "format": "jsonl"}],
+                       output={"root": f"{bucket}/prepared", "storage": cfg.model_dump()})
+    with pytest.raises(RuntimeError, match="no record survived"):
+        prepare(failing, progress=lambda *_: None)
+    assert storage.read_bytes(result["manifest"], cfg) == manifest
+    assert _shard_hashes(result, cfg, rejects=False) == s3_hashes
+    assert storage.list_files(f"{bucket}/prepared", cfg) == sorted(f"ds/{f}" for f in storage.list_files(
+        f"{bucket}/prepared/ds", cfg))  # nothing beside ds/: no .ds.partial
 
 
 @pytest.mark.ray
