@@ -26,6 +26,12 @@ def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
     out = run(["-m", "lmjobs.demo", "--out", str(tmp_path), *small, *tune])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "== demo finished" in out.stdout
+    # a console a person can read: each progress line once (rank 0 only), no Ray Train report dumps
+    console = out.stdout + out.stderr
+    assert "TrainingReport(" not in console
+    progress = [line for line in console.splitlines() if "] step " in line]
+    assert progress and len(progress) == len(set(progress)), progress
+    assert not [line for line in console.splitlines() if "FutureWarning" in line]
     summary = json.loads((tmp_path / "demo-pretrain" / "demo_summary.json").read_text())
     for key in ("run_dir", "checkpoint", "metrics", "loss_plot"):
         assert summary["pretrain"][key] in out.stdout

@@ -44,7 +44,7 @@ def test_zero2_two_workers_loss_falls_checkpoints_to_s3(ray_cluster, s3_bucket, 
     evals = [m for m in steps if "val_loss" in m]
     assert [m["step"] for m in evals] == [6, 12] and evals[1]["val_loss"] < evals[0]["val_loss"], evals
     assert abs(evals[1]["val_ppl"] - math.exp(evals[1]["val_loss"])) < 1e-6 * evals[1]["val_ppl"]
-    assert all(0 < m["mfu"] < 1 for m in steps)
+    assert all(0 < m["mfu"] <= 1 for m in steps), [m["mfu"] for m in steps]  # the Trainer asserts it too
     run_files = storage.list_files(out["run_dir"], cfg)
     assert {"resolved_config.yaml", "metrics.jsonl", "loss.png"} <= set(run_files)
     assert any(f.startswith("tensorboard/events.out.tfevents") for f in run_files), run_files
