@@ -258,13 +258,18 @@ def logs(address: str | None, job_id: str, follow: bool, out=sys.stdout) -> str 
 
 
 def stop(address: str | None, job_id: str, timeout_s: float = 60.0) -> str:
-    """Ask the job to stop and wait until Ray reports it ended; its final status."""
+    """Ask the job to stop and wait up to `timeout_s` until Ray reports it ended; its final status.
+    With timeout 0, only ask: the status seen right after asking."""
+    if timeout_s < 0:
+        raise JobsError(f"--timeout {timeout_s:g}: give the seconds to wait for the job to end, 0 or more")
     jc = client(address)
     _call(jc.stop_job, jc.get_address(), job_id)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        st = str(jc.get_job_status(job_id).value)
-        if st in TERMINAL:
+    while True:  # the status is read at least once, so there is always one to report
+        st = str(_call(jc.get_job_status, jc.get_address(), job_id).value)
+        if st in TERMINAL or timeout_s == 0:
             return st
+        if time.monotonic() >= deadline:
+            raise JobsError(f"{job_id} did not stop within {timeout_s:g} s (status {st}); "
+                            f"see `lmjobs jobs status {job_id}`, or stop it again with a longer --timeout")
         time.sleep(0.5)
-    raise JobsError(f"{job_id} did not stop within {timeout_s:g} s (status {st})")

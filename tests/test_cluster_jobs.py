@@ -151,6 +151,19 @@ def test_stop_ends_a_running_job_and_its_workers(head, tmp_path):
 
 
 @pytest.mark.slow
+def test_stop_with_timeout_0_asks_and_does_not_wait(head):
+    from ray.job_submission import JobSubmissionClient
+
+    env, dash, _ = head
+    job_id = JobSubmissionClient(f"http://127.0.0.1:{dash}").submit_job(entrypoint="sleep 300")
+    asked = lmjobs("jobs", "stop", job_id, "--timeout", "0", env=env)  # ask, report what is seen, return
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    assert asked.stdout.strip() in (f"{job_id}: {s}" for s in ("PENDING", "RUNNING", "STOPPED")), asked.stdout
+    stopped = lmjobs("jobs", "stop", job_id, "--timeout", "30", env=env)
+    assert stopped.returncode == 0 and f"{job_id}: STOPPED" in stopped.stdout, stopped.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_down_stops_everything(head):
     env, _, temp_dir = head
     pids = processes_under(temp_dir)

@@ -55,3 +55,8 @@ def test_submit_refuses_relative_output_root_before_any_cluster_work():
     bad = subprocess.run([sys.executable, "-m", "lmjobs.cli", "submit", str(TINY), "--set", "submit.max_retries=-1"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "submit.max_retries" in bad.stderr
+
+
+def test_stop_refuses_a_negative_timeout_before_any_request():
+    with pytest.raises(jobs.JobsError, match="0 or more"):
+        jobs.stop("http://127.0.0.1:9", "some-job", timeout_s=-1)
