@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import os
 import pathlib
+import re
 import secrets
 import sys
 import time
@@ -102,13 +103,23 @@ def client(address: str | None):
     except (ConnectionError, requests.exceptions.ConnectionError):
         raise JobsError(f"cannot reach the Ray Jobs API at {url}: is the cluster up and the dashboard "
                         "port reachable (ssh -L / kubectl port-forward)?") from None
-    except Exception as exc:  # Ray raises RuntimeError/PermissionError variants for HTTP 401/403
+    except Exception as exc:  # Ray raises AuthenticationError for HTTP 401/403
         raise _auth_error(exc, url) from None
 
 
+# What Ray and HTTP say when the token is missing or wrong, and nothing else: errors that merely
+# mention a token ("max_tokens must be positive", "tokenizer not found") are the job's own.
+AUTH_FAILURE = re.compile(r"status code (401|403)\b|\b(401|403) (Client Error|Unauthorized|Forbidden)\b"
+                          r"|\bHTTP (401|403)\b|\bUNAUTHENTICATED\b|Invalid or missing authentication token")
+
+
 def _auth_error(exc: Exception, url: str) -> Exception:
-    text = str(exc)
-    if any(s in text for s in ("401", "403", "nauthorized", "orbidden", "token")):
+    """A JobsError that says what to do when `exc` is the cluster refusing our token, else `exc`."""
+    from ray.exceptions import AuthenticationError
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)  # requests.HTTPError
+    # AuthenticationError: the Jobs SDK's own answer to HTTP 401/403
+    if isinstance(exc, AuthenticationError) or status in (401, 403) or AUTH_FAILURE.search(str(exc)):
         return JobsError(f"the cluster at {url} refused the request: token authentication failed. Give the "
                          "cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token "
                          "(lmjobs never sends a request without one)")

@@ -60,3 +60,25 @@ def test_submit_refuses_relative_output_root_before_any_cluster_work():
 def test_stop_refuses_a_negative_timeout_before_any_request():
     with pytest.raises(jobs.JobsError, match="0 or more"):
         jobs.stop("http://127.0.0.1:9", "some-job", timeout_s=-1)
+
+
+@pytest.mark.parametrize("text", ["max_tokens must be positive", "tokenizer not found at /data/tok",
+                                  "Request failed with status code 500: token bucket exhausted",
+                                  "job lm-4013 failed: no such file"])
+def test_errors_that_merely_mention_a_token_are_not_auth_failures(text):
+    err = RuntimeError(text)
+    assert jobs._auth_error(err, "http://127.0.0.1:8265") is err  # raised as it is, not as a token problem
+
+
+def test_auth_failures_are_recognised():
+    import requests
+    from ray.exceptions import AuthenticationError
+
+    refused = requests.Response()
+    refused.status_code = 401
+    for err in (AuthenticationError("Authentication failed: Forbidden"), requests.HTTPError(response=refused),
+                RuntimeError("Request failed with status code 403: Forbidden."),
+                RuntimeError("403 Client Error: Forbidden for url: http://10.0.0.5:8265/api/jobs/"),
+                RuntimeError("<_InactiveRpcError: StatusCode.UNAUTHENTICATED, Invalid or missing authentication token>")):
+        said = jobs._auth_error(err, "http://127.0.0.1:8265")
+        assert isinstance(said, jobs.JobsError) and "token authentication failed" in str(said), err
