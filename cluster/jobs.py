@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import os
 import pathlib
 import re
 import secrets
 import sys
 import time
+import urllib.parse
+import warnings
 from dataclasses import dataclass
 
 from cluster.connect import ensure_token_auth
@@ -91,6 +94,27 @@ def resolve_jobs_address(address: str | None) -> str:
     return address.rstrip("/")
 
 
+def _is_loopback_url(url: str) -> bool:
+    """Whether the URL's host is this machine by name or address (no DNS lookup)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_token_in_clear(url: str) -> bool:
+    """Warn (once per address) when the token would cross a network unencrypted; whether it warned."""
+    if not url.startswith("http://") or _is_loopback_url(url):
+        return False
+    warnings.warn(f"{url}: the Ray token is sent unencrypted over plain http:// to a host that is not "
+                  "this machine; use an https:// address, or an SSH tunnel (ssh -L 8265:localhost:8265 "
+                  "HOST, then --address http://127.0.0.1:8265)", stacklevel=3)
+    return True
+
+
 def client(address: str | None):
     """A JobSubmissionClient that has checked the cluster answers and accepts our token."""
     import requests
@@ -98,6 +122,7 @@ def client(address: str | None):
 
     ensure_token_auth()
     url = resolve_jobs_address(address)
+    warn_if_token_in_clear(url)
     try:
         return JobSubmissionClient(url)
     except (ConnectionError, requests.exceptions.ConnectionError):

@@ -82,3 +82,16 @@ def test_auth_failures_are_recognised():
                 RuntimeError("<_InactiveRpcError: StatusCode.UNAUTHENTICATED, Invalid or missing authentication token>")):
         said = jobs._auth_error(err, "http://127.0.0.1:8265")
         assert isinstance(said, jobs.JobsError) and "token authentication failed" in str(said), err
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.5:8265", "http://ray-head.internal:8265", "http://[fd00::5]:8265"])
+def test_token_in_clear_to_another_host_warns(url):
+    with pytest.warns(UserWarning, match=r"unencrypted.*https://.*SSH tunnel"):
+        assert jobs.warn_if_token_in_clear(url)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8265", "http://127.4.5.6:8265", "http://localhost:8265",
+                                 "http://[::1]:8265", "https://ray-head.example.com:8443"])
+def test_token_to_loopback_or_over_https_does_not_warn(url, recwarn):
+    assert not jobs.warn_if_token_in_clear(url)
+    assert not recwarn.list
