@@ -10,6 +10,11 @@ import logging
 import os
 
 LOOPBACK = "127.0.0.1"
+LOOPBACK_NAMES = ("localhost", "::1")
+
+# The address this process joined through `connect` as it was asked for: a ray:// (Ray Client)
+# address is not the GCS address Ray reports afterwards, so it is compared as given.
+_joined: str | None = None
 
 
 def ensure_token_auth() -> None:
@@ -32,25 +37,48 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     """Start or join Ray for this driver; returns a small description of what it joined.
 
     Embedded clusters bind to 127.0.0.1, dashboard included (Ray Train's controller watchdog
-    needs its state API).
+    needs its state API).  A process joins one cluster: once connected, no address (or the same
+    one) reuses the connection and another address is an error.
     """
     import ray
 
+    global _joined
     ensure_token_auth()
     target = resolve_address(address)
     if ray.is_initialized():
-        return {"address": ray.get_runtime_context().gcs_address, "embedded": False}
+        current = ray.get_runtime_context().gcs_address
+        # Only an explicit address is checked: inside Ray jobs and workers RAY_ADDRESS is Ray's own.
+        asked = target if address else None
+        if asked and _normalise(asked) not in {_normalise(current), _normalise(_joined or current)}:
+            raise RuntimeError(
+                f"this process is already connected to the Ray cluster at {_joined or current}; it cannot "
+                f"also join {asked}. Run the job against {asked} in a new process, or leave the address "
+                "empty to use the current cluster")
+        return {"address": current, "embedded": False}
     common = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=runtime_env)
     if target:
         ray.init(address=target, **common)
+        _joined = target
         return {"address": target, "embedded": False}
     ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
              _node_ip_address=LOOPBACK, **common)
     return {"address": ray.get_runtime_context().gcs_address, "embedded": True}
 
 
+def _normalise(address: str) -> str:
+    """host:port with loopback spelt one way, so `localhost:6379` and `127.0.0.1:6379` compare equal."""
+    scheme, sep, rest = address.strip().rstrip("/").rpartition("://")
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES or host.startswith("127."):
+        host = LOOPBACK
+    return f"{scheme}{sep}{host}:{port}"
+
+
 def disconnect() -> None:
+    global _joined
     import ray
 
+    _joined = None
     if ray.is_initialized():
         ray.shutdown()
