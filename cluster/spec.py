@@ -18,7 +18,11 @@ import yaml
 class Section(pydantic.BaseModel):
     """Base of every component config: frozen, typed, unknown keys rejected."""
 
-    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # hide_input_in_errors: a raw ValidationError must not quote what it refused (an endpoint with a
+    # password in it); SpecError shows a value only for type and range errors
+    model_config = pydantic.ConfigDict(frozen=True, extra="forbid", validate_default=True,
+                                       hide_input_in_errors=True)
+
 
 
 class SubmitSection(Section):

@@ -24,6 +24,17 @@ class StorageConfig(Section):
     endpoint_url: str | None = pydantic.Field(default=None, pattern=r"^https?://[^/\s]+/?$")
     region: str | None = None
 
+    @pydantic.field_validator("endpoint_url", mode="before")
+    @classmethod
+    def _no_credentials(cls, url):
+        # before the pattern check, whose message would quote the URL; resolved configs are saved
+        # with every run, so a user:pass@ here would end up in run directories
+        if isinstance(url, str) and "@" in url.partition("://")[2].partition("/")[0]:
+            raise ValueError("must not carry credentials (user:password@): give the host only "
+                             "and the keys in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or an AWS profile "
+                             "(AWS_PROFILE)")
+        return url
+
 
 def is_remote(uri: str) -> bool:
     return str(uri).startswith("s3://")

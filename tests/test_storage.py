@@ -1,9 +1,12 @@
 """Storage URIs round-trip on local disk and on a real S3-protocol server (moto)."""
 import threading
 
+import pydantic
 import pytest
 
 from cluster import storage
+from cluster.spec import JobSpec, SpecError, load_spec
+from cluster.storage import StorageConfig
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -79,3 +82,26 @@ def test_endpoint_from_environment(monkeypatch, s3_bucket):
     storage.write_text(storage.join(base, "env.txt"), "via env")
     assert storage.read_text(storage.join(base, "env.txt"), cfg) == "via env"
     assert storage.list_files(base) == ["env.txt"]
+
+
+
+class StoreSpec(JobSpec):
+    storage: StorageConfig = StorageConfig()  # a section named as in real specs
+
+
+@pytest.mark.parametrize("url", ["http://minio:s3cr3t-pw@minio.internal:9000", "https://AKIAEXAMPLE@s3.example.com",
+                                 "http://minio:s3cr3t-pw@minio.internal:9000/bucket"])
+def test_endpoint_url_with_credentials_is_refused_without_echoing_them(url, tmp_path):
+    """Resolved configs are saved with every run: credentials belong in the AWS chain, not here."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"kind: store\nname: x\nstorage:\n  endpoint_url: {url}\n")
+    with pytest.raises(SpecError) as loaded:
+        load_spec(spec, {"store": StoreSpec})
+    [msg] = loaded.value.problems
+    assert msg.startswith("storage.endpoint_url: must not carry credentials")
+    assert "AWS_ACCESS_KEY_ID" in msg and "AWS_SECRET_ACCESS_KEY" in msg
+    with pytest.raises(pydantic.ValidationError) as direct:  # built in code, not from a spec file
+        StoreSpec(kind="store", name="x", storage={"endpoint_url": url})
+    for said in (str(loaded.value), str(direct.value)):
+        assert "s3cr3t-pw" not in said and "AKIAEXAMPLE" not in said
+    assert StorageConfig(endpoint_url="http://minio.internal:9000").endpoint_url == "http://minio.internal:9000"
