@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import json
 import pathlib
+import types
+import typing
 from typing import Any, Mapping
 
 import pydantic
@@ -22,7 +24,6 @@ class Section(pydantic.BaseModel):
     # password in it); SpecError shows a value only for type and range errors
     model_config = pydantic.ConfigDict(frozen=True, extra="forbid", validate_default=True,
                                        hide_input_in_errors=True)
-
 
 
 class SubmitSection(Section):
@@ -72,24 +73,39 @@ class SpecError(ValueError):
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
+def _is_model(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, pydantic.BaseModel)
+
+
+def _without_none(t: Any) -> Any:
+    """`X | None` -> X; any other annotation unchanged."""
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if typing.get_origin(t) in (typing.Union, types.UnionType) and len(args) == 1 else t
+
+
 def _model_at(model: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseModel] | None:
     """The Section class that owns the key at `loc` (the parent of the unknown key)."""
     current: Any = model
     for part in loc:
-        if not (isinstance(current, type) and issubclass(current, pydantic.BaseModel)):
+        current = _without_none(current)
+        if isinstance(part, int) and typing.get_origin(current) in (list, tuple):
+            current = typing.get_args(current)[0]  # an item of a list of sections
+        elif _is_model(current) and str(part) in current.model_fields:
+            current = current.model_fields[str(part)].annotation
+        else:
             return None
-        field = current.model_fields.get(str(part))
-        if field is None:
-            return None
-        current = field.annotation
-    if isinstance(current, type) and issubclass(current, pydantic.BaseModel):
-        return current
-    return None
+    current = _without_none(current)
+    return current if _is_model(current) else None
+
+
+def _field_path(loc: tuple) -> str:
+    """A pydantic location as users write it: `data.mixture[1].weight`."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 def _describe(model: type[pydantic.BaseModel], err: Mapping[str, Any]) -> str:
     loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
+    path = _field_path(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         owner = _model_at(model, loc[:-1])
         valid = sorted(owner.model_fields) if owner else []

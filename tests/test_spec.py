@@ -5,7 +5,7 @@ import sys
 import pydantic
 import pytest
 
-from cluster.spec import SpecError, load_spec, parse_override, resolved_dict
+from cluster.spec import JobSpec, Section, SpecError, load_spec, parse_override, resolved_dict
 from lmjobs.config import KINDS, PretrainSpec
 from tests.conftest import REPO
 
@@ -109,3 +109,32 @@ def test_job_command_validates_before_cluster_work(tmp_path):
     assert out.returncode == 2
     assert "train.stepz: unknown key; did you mean 'steps'?" in out.stderr
     assert "Started a local Ray instance" not in out.stderr + out.stdout
+
+
+class Weighted(Section):
+    name: str
+    weight: float = pydantic.Field(1.0, ge=0)
+
+
+class Mix(Section):
+    mixture: list[Weighted] = []
+
+
+class ToySpec(JobSpec):
+    data: Mix = Mix()
+    extra: Mix | None = None
+
+
+def test_list_items_are_named_with_brackets(tmp_path):
+    p = write(tmp_path, "kind: toy\nname: x\ndata:\n  mixture:\n  - {name: a}\n  - {name: b, weight: -1, wieght: 2}\n"
+                        "extra:\n  mixture: [{nmae: c}]\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(p, {"toy": ToySpec})
+    assert sorted(info.value.problems) == [
+        "data.mixture[1].weight: Input should be greater than or equal to 0 (got -1)",
+        "data.mixture[1].wieght: unknown key; did you mean 'weight'? valid keys here: name, weight",
+        "extra.mixture[0].name: required field is missing",
+        "extra.mixture[0].nmae: unknown key; did you mean 'name'? valid keys here: name, weight",
+    ]
+    [msg] = problems(write(tmp_path, "kind: data_prepare\nname: x\nsources: [{path: a, format: xml}]\n"))
+    assert msg.startswith("sources[0].format: Input should be 'text'"), msg
