@@ -6,7 +6,8 @@ import pydantic
 import pytest
 
 from cluster.spec import JobSpec, Section, SpecError, load_spec, parse_override, resolved_dict
-from lmjobs.config import KINDS, PretrainSpec
+from lmjobs.config import PretrainSpec
+from lmjobs.runner import KINDS
 from tests.conftest import REPO
 
 TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"
