@@ -76,7 +76,7 @@ class DataIngestSpec(JobSpec):
         for i, inp in enumerate(self.inputs):
             for key in inp.columns:
                 if key not in allowed:
-                    raise ValueError(f"inputs.{i}.columns.{key}: not a field of task '{self.task}' "
+                    raise ValueError(f"inputs[{i}].columns.{key}: not a field of task '{self.task}' "
                                      f"(fields: {', '.join(sorted(allowed))})")
         return self
 

@@ -153,5 +153,5 @@ def test_spec_checks_column_names(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: data_ingest\nname: x\ntask: classification\n"
                    "inputs: [{path: a.csv, format: csv, columns: {txt: sentence}}]\n")
-    with pytest.raises(SpecError, match=r"inputs\.0\.columns\.txt: not a field of task 'classification'"):
+    with pytest.raises(SpecError, match=r"inputs\[0\]\.columns\.txt: not a field of task 'classification'"):
         load_spec(bad, KINDS, [], expect_kind="data_ingest")
