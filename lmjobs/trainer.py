@@ -311,6 +311,7 @@ class Trainer:
         if self.start_step < data_start_step:
             raise RuntimeError(f"resumed at step {self.start_step} but the data plan starts at step {data_start_step}")
         stream = _stream(batches, (self.start_step - data_start_step) * self.accum)
+        self._window()  # the first window's tokens/s counts from here, not from setup
         metrics: dict = {}
         if val is not None and self.start_step == 0 and getattr(spec.train, "eval_at_start", False):
             # the untrained model's score: the baseline the run's improvement is measured against
