@@ -13,8 +13,9 @@ Sides, run one after another in one process on the same machine:
   (`data/<dataset>/{train,val}.bin`, `meta.pkl`, as its prepare.py does) into a scratch copy of the
   checkout and runs the README command.  Without a checkout the row says so and the ratio falls back
   to the figure measured on a 2-core machine of this kind (issue 14), marked as recorded, not run here.
-- `plain`: one process, no Ray, no DeepSpeed: the same Hugging Face model as lmjobs, AdamW, random
-  64-token windows like nanoGPT, torch's default threads.
+- `plain`: one process, no Ray, no DeepSpeed: the same Hugging Face model as lmjobs (`--family`: gpt2,
+  nanoGPT's architecture, by default; or llama), AdamW, random 64-token windows like nanoGPT, torch's
+  default threads.
 - `wN-PREC-zS`: lmjobs with N workers, precision PREC (auto, fp32, bf16_autocast, bf16) and ZeRO stage
   S, on a fresh 2-CPU embedded cluster (its start timed apart), training on packed shards of the same
   split (64-token blocks at offsets 0 and 32 of the text, shuffled by lmjobs' data plan).
@@ -59,7 +60,7 @@ from lmjobs.strategy import lr_lambda, param_groups  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "pretrain_text" / "tinyshakespeare_input.txt"
 SEQ, BATCH, CPUS, SEED = 64, 12, 2, 0
-MODEL = ModelSection(family="llama", hidden_size=128, num_layers=4, num_heads=4, dropout=0.0)  # --family
+MODEL = ModelSection(family="gpt2", hidden_size=128, num_layers=4, num_heads=4, dropout=0.0)  # --family
 DEFAULT_VARIANTS = "nanogpt,plain,w1-auto-z0,w2-auto-z2"
 # nanoGPT's train.py with its README's CPU command, run here on 2 cores with AVX-512 BF16 (issue 14):
 # 88.6 s wall, about 18.1k tokens/s, val 1.880.  Used only when no checkout is given, and labelled so.
@@ -279,12 +280,12 @@ def main() -> int:
     parser.add_argument("--log-every", type=int, default=100, help="lmjobs train.log_every (default 100)")
     parser.add_argument("--variant-timeout", type=int, default=1200, help="seconds per lmjobs variant (default 1200)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b1.json"))
-    parser.add_argument("--family", choices=["llama", "gpt2"], default="llama",
-                        help="model family of the plain loop and lmjobs (default llama; nanoGPT is always its own GPT)")
+    parser.add_argument("--family", choices=["llama", "gpt2"], default="gpt2",
+                        help="model family of the plain loop and lmjobs (default gpt2, nanoGPT's own architecture)")
     args = parser.parse_args()
     global MODEL
     MODEL = MODEL.model_copy(update={"family": args.family})
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
     for v in variants:
         if not re.fullmatch(r"nanogpt|plain|w[12]-(auto|fp32|bf16_autocast|bf16)-z[0-3]", v):
             parser.error(f"unknown variant {v!r}")

@@ -95,9 +95,17 @@ class DeepSpeedStrategy:
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
         schedule = lr_lambda(self.optim, self.total_steps)
+        groups = param_groups(model, self.optim.weight_decay)
+        config, optimizer = self.config, None
+        if config["zero_optimization"]["stage"] == 0 and config["optimizer"]["params"]["torch_adam"]:
+            # ZeRO-0 steps every parameter tensor on its own: torch's fused AdamW does it in one
+            # kernel (ZeRO 1-3 already step one flat partition per group)
+            p = config["optimizer"]["params"]
+            optimizer = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                                          weight_decay=p["weight_decay"], fused=True)
+            config = {k: v for k, v in config.items() if k != "optimizer"}
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, self.optim.weight_decay),
-            config=self.config,
+            model=model, model_parameters=groups, optimizer=optimizer, config=config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         return self.engine
 
