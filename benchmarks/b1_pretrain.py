@@ -13,9 +13,9 @@ Sides, run one after another in one process on the same machine:
   (`data/<dataset>/{train,val}.bin`, `meta.pkl`, as its prepare.py does) into a scratch copy of the
   checkout and runs the README command.  Without a checkout the row says so and the ratio falls back
   to the figure measured on a 2-core machine of this kind (issue 14), marked as recorded, not run here.
-- `plain`: one process, no Ray, no DeepSpeed: the same Hugging Face model as lmjobs (`--family`: gpt2,
-  nanoGPT's architecture, by default; or llama), AdamW, random 64-token windows like nanoGPT, torch's
-  default threads.
+- `plain`: one process, no Ray, no DeepSpeed: the same model as lmjobs (`--family`: `gpt`, lmjobs' lean
+  GPT-2 module, nanoGPT's architecture, by default; `gpt2`, Hugging Face's GPT2LMHeadModel; `llama`),
+  AdamW, random 64-token windows like nanoGPT, torch's default threads, fp32.
 - `wN-PREC-zS`: lmjobs with N workers, precision PREC (auto, fp32, bf16_autocast, bf16) and ZeRO stage
   S, on a fresh 2-CPU embedded cluster (its start timed apart), training on packed shards of the same
   split (64-token blocks at offsets 0 and 32 of the text, shuffled by lmjobs' data plan).
@@ -54,13 +54,13 @@ import torch  # noqa: E402
 
 from lmjobs import runner  # noqa: E402
 from lmjobs.config import ModelSection, OptimSection, PretrainSpec  # noqa: E402
-from lmjobs.models import build_causal_lm  # noqa: E402
+from lmjobs.models import build_causal_lm, hf_model  # noqa: E402
 from lmjobs.pretrain import driver  # noqa: E402  (imported up front: one lmjobs version per benchmark run)
 from lmjobs.strategy import lr_lambda, param_groups  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "pretrain_text" / "tinyshakespeare_input.txt"
 SEQ, BATCH, CPUS, SEED = 64, 12, 2, 0
-MODEL = ModelSection(family="gpt2", hidden_size=128, num_layers=4, num_heads=4, dropout=0.0)  # --family
+MODEL = ModelSection(family="gpt", hidden_size=128, num_layers=4, num_heads=4, dropout=0.0)  # --family
 DEFAULT_VARIANTS = "nanogpt,plain,w1-auto-z0,w2-auto-z2"
 # nanoGPT's train.py with its README's CPU command, run here on 2 cores with AVX-512 BF16 (issue 14):
 # 88.6 s wall, about 18.1k tokens/s, val 1.880.  Used only when no checkout is given, and labelled so.
@@ -187,7 +187,7 @@ def run_plain(iters: int, train: np.ndarray, size: int, out: pathlib.Path) -> di
             print(f"[plain] step {it}/{iters} loss {loss.item():.4f} "
                   f"{it * BATCH * SEQ / (time.perf_counter() - t_train):.0f} tok/s", flush=True)
     train_s = time.perf_counter() - t_train
-    model.save_pretrained(out / "plain-hf")
+    hf_model(model).save_pretrained(out / "plain-hf")
     return {"threads": torch.get_num_threads(), "train_s": train_s, "tokens_per_s": iters * BATCH * SEQ / train_s,
             "wall_s": time.perf_counter() - t0, "hf": str(out / "plain-hf")}
 
@@ -280,8 +280,9 @@ def main() -> int:
     parser.add_argument("--log-every", type=int, default=100, help="lmjobs train.log_every (default 100)")
     parser.add_argument("--variant-timeout", type=int, default=1200, help="seconds per lmjobs variant (default 1200)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b1.json"))
-    parser.add_argument("--family", choices=["llama", "gpt2"], default="gpt2",
-                        help="model family of the plain loop and lmjobs (default gpt2, nanoGPT's own architecture)")
+    parser.add_argument("--family", choices=["gpt", "gpt2", "llama"], default="gpt",
+                        help="model family of the plain loop and lmjobs (default gpt: lmjobs' lean GPT-2 module, "
+                             "nanoGPT's architecture; gpt2: Hugging Face's GPT2LMHeadModel; llama)")
     args = parser.parse_args()
     global MODEL
     MODEL = MODEL.model_copy(update={"family": args.family})

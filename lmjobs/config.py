@@ -43,7 +43,8 @@ class ScalingSection(Section):
 class ModelSection(Section):
     # causal_lm: llama or gpt2; mlm (BERT masking) and mlm_nsp (+ next-sentence head): bert
     objective: Literal["causal_lm", "mlm", "mlm_nsp"] = "causal_lm"
-    family: Literal["llama", "gpt2", "bert"] = "llama"
+    # gpt: lmjobs' lean GPT-2-style module (no biases, fused q/k/v, SDPA), exported as GPT2LMHeadModel
+    family: Literal["llama", "gpt2", "gpt", "bert"] = "llama"
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)
     num_heads: int = Field(4, ge=1)
@@ -56,8 +57,14 @@ class ModelSection(Section):
     def _family_fits_objective(self):
         encoder = self.objective in ("mlm", "mlm_nsp")
         if encoder != (self.family == "bert"):
-            wanted = "bert" if encoder else "llama or gpt2"
+            wanted = "bert" if encoder else "llama, gpt2 or gpt"
             raise ValueError(f"model.objective {self.objective} needs model.family {wanted}, not {self.family}")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _lean_gpt_options(self):
+        if self.family == "gpt" and self.activation_checkpointing:
+            raise ValueError("model.activation_checkpointing: not available for model.family gpt (use gpt2)")
         return self
 
     @pydantic.model_validator(mode="after")

@@ -34,6 +34,11 @@ def build_model(cfg: ModelSection, vocab_size: int, max_positions: int, seed: in
     """The objective's model (causal LM, BertForMaskedLM, BertForPreTraining), seeded so every
     worker starts from identical weights."""
     torch.manual_seed(seed)
+    if cfg.family == "gpt":
+        from lmjobs.lean_gpt import LeanGPT
+
+        return LeanGPT(vocab_size, max_positions, cfg.hidden_size, cfg.num_layers, cfg.num_heads,
+                       cfg.intermediate_size, cfg.dropout)
     if cfg.objective == "causal_lm":
         config = causal_lm_config(cfg, vocab_size, max_positions)
     else:
@@ -60,3 +65,10 @@ def build_causal_lm(cfg: ModelSection, vocab_size: int, max_positions: int, seed
 
 def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module as a Hugging Face model: the lean GPT maps onto GPT2LMHeadModel; others already are."""
+    from lmjobs.lean_gpt import LeanGPT, to_gpt2
+
+    return to_gpt2(model) if isinstance(model, LeanGPT) else model

@@ -10,7 +10,7 @@ import torch
 
 from lmjobs.config import PretrainSpec
 from lmjobs.trainer import mean_across_ranks, num_params_m
-from lmjobs.models import build_model, num_params
+from lmjobs.models import build_model, hf_model, num_params
 from lmjobs.pretrain import objectives
 from lmjobs.strategy import DeepSpeedStrategy
 
@@ -111,7 +111,7 @@ def save_hf(module: torch.nn.Module, tokenizer_json: str, directory: str) -> Non
 
     from data_pipelines.tokenizer import EOS
 
-    module.save_pretrained(directory, safe_serialization=True)
+    hf_model(module).save_pretrained(directory, safe_serialization=True)
     tok = Tokenizer.from_str(tokenizer_json)
     named = {"eos_token": EOS}
     if tok.token_to_id(objectives.MASK) is not None:  # the MLM objectives' special tokens
