@@ -251,3 +251,16 @@ def test_mixture_with_curriculum_stages_and_seq_len_warmup(ray_cluster, tmp_path
     # sequence-length warmup: 8 tokens at step 1, the full 32 from step 5 on; tokens follow
     assert [m["seq_len"] for m in steps] == [8, 8, 16, 24, 32, 32, 32, 32]
     assert steps[-1]["tokens"] == 16 * (8 + 8 + 16 + 24 + 4 * 32)
+
+
+@pytest.mark.ray
+def test_lean_gpt_trains_with_bf16_autocast_and_exports_as_gpt2(ray_cluster, tmp_path):
+    spec = load_spec(TINY, KINDS, [f"output.root={tmp_path}", "name=lean", "model.family=gpt", "train.steps=6",
+                                   "train.log_every=3", "deepspeed.precision=bf16_autocast", "deepspeed.zero_stage=0"])
+    out = run(spec)
+    steps = history(out["metrics"])
+    assert steps[-1]["loss"] < steps[0]["loss"] and all(0 < m["mfu"] <= 1 for m in steps), steps
+    state = json.loads(storage.read_text(storage.join(out["checkpoint"], "train_state.json")))
+    assert state["precision"] == "bf16_autocast"
+    # trained in bf16 autocast, probed and exported in fp32: plain transformers reproduces the logits
+    _export_loads_without_lmjobs(out["checkpoint"], tmp_path / "export", expected="GPT2LMHeadModel")
