@@ -42,6 +42,8 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# B1 runs nanoGPT's own train.py from a checkout named by NANOGPT_DIR (not on PyPI); without one its
+# row is the recorded figure, marked as such
 bench: install
 	$(PY) benchmarks/b1_pretrain.py
 	$(PY) benchmarks/b2_corpus.py
