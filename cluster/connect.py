@@ -15,6 +15,7 @@ LOOPBACK_NAMES = ("localhost", "::1")
 # The address this process joined through `connect` as it was asked for: a ray:// (Ray Client)
 # address is not the GCS address Ray reports afterwards, so it is compared as given.
 _joined: str | None = None
+_embedded: str | None = None  # the address of the cluster this process started, if it did
 
 
 def ensure_token_auth() -> None:
@@ -42,7 +43,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     """
     import ray
 
-    global _joined
+    global _joined, _embedded
     ensure_token_auth()
     target = resolve_address(address)
     if ray.is_initialized():
@@ -55,14 +56,27 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
                 f"also join {asked}. Run the job against {asked} in a new process, or leave the address "
                 "empty to use the current cluster")
         return {"address": current, "embedded": False}
-    common = dict(logging_level=logging.WARNING, log_to_driver=True, runtime_env=runtime_env)
+    common = dict(logging_level=logging.WARNING, log_to_driver=True)
     if target:
-        ray.init(address=target, **common)
+        ray.init(address=target, runtime_env=runtime_env, **common)
         _joined = target
         return {"address": target, "embedded": False}
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
-             _node_ip_address=LOOPBACK, **common)
-    return {"address": ray.get_runtime_context().gcs_address, "embedded": True}
+    # every process of an embedded cluster's job inherits this: deprecation notices of Ray's,
+    # DeepSpeed's and torch's internals, which the person running the job can do nothing about,
+    # stay out of its console (a submitted job's environment is the submitter's to set)
+    env_vars = {"PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning"),
+                **((runtime_env or {}).get("env_vars") or {})}
+    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
+             runtime_env={**(runtime_env or {}), "env_vars": env_vars}, **common)
+    _embedded = ray.get_runtime_context().gcs_address
+    return {"address": _embedded, "embedded": True}
+
+
+def is_embedded() -> bool:
+    """Whether this process's Ray is a cluster that this process started on this machine."""
+    import ray
+
+    return ray.is_initialized() and _embedded == ray.get_runtime_context().gcs_address
 
 
 def _normalise(address: str) -> str:

@@ -468,4 +468,4 @@ def load_packed(manifest_uri: str, split: str = "train", cfg: StorageConfig | No
     paths = [storage.resolve(storage.join(base, p), cfg)[1] for p in manifest["shards"][split]]
     if not paths:
         raise ValueError(f"{manifest_uri}: no '{split}' shards")
-    return ray.data.read_parquet(paths, filesystem=fs, ray_remote_args={"num_cpus": num_cpus} if num_cpus else None)
+    return ray.data.read_parquet(paths, filesystem=fs, num_cpus=num_cpus)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from cluster import storage
-from cluster.connect import connect
+from cluster.connect import connect, is_embedded
 from cluster.spec import JobSpec, resolved_dict
 from lmjobs.config import DataIngestSpec, DataPrepareSpec, FinetuneSpec, LabelSpec, PretrainSpec, TrainJobSpec
 
@@ -202,17 +202,16 @@ def start(spec: TrainJobSpec, run_dir: str) -> None:
 
     check_resume(spec, run_dir)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in _job_env_vars()}
-    # deprecation notices of Ray's, DeepSpeed's and torch's internals, printed by every process
-    env.setdefault("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning"))
     joined = connect(spec.scaling.address, num_cpus=spec.scaling.embedded_num_cpus,
                      runtime_env={"env_vars": env} if env else None)
     _stats_actor_here()
     # Ray Train V2 sends worker prints through its logger as well as to stdout (each line twice in
     # the driver's console) unless its print patch is off; these variables reach the workers
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    if joined["embedded"]:  # a fixed-size cluster; remote ones may autoscale
-        # nothing preempts a local cluster; its watcher actor only logs a core-worker error at start
+    if is_embedded():
+        # nothing preempts a cluster on this machine; its watcher actor only logs a core-worker error
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    if joined["embedded"]:  # a fixed-size cluster; remote ones may autoscale
         check_cpu_headroom(ray.cluster_resources().get("CPU", 0.0), spec.scaling.num_workers,
                            spec.scaling.cpus_per_worker)
     storage.write_text(storage.join(run_dir, "resolved_config.yaml"),
@@ -311,6 +310,8 @@ def quiet_worker() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # "Writing model shards" at every checkpoint
+    # a fine-tune's base model always misses its new head: the load report says only that
+    transformers.utils.logging.set_verbosity_error()
 
 
 def _node_cpus() -> float | None:
