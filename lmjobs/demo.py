@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a field of the fine-tuning recipe (demo-finetune.yaml)")
     parser.add_argument("--speeches", type=int, default=400, help="speeches per kind of play in stage 4")
     args = parser.parse_args(argv)
+    if not storage.is_remote(args.out):  # every path the demo prints is absolute
+        args.out = str(pathlib.Path(args.out).expanduser().resolve())
 
     from lmjobs.runner import KINDS
 

@@ -296,7 +296,7 @@ def quiet_worker() -> None:
         warnings.filterwarnings("ignore", category=category, module=r"(deepspeed|torch|transformers)(\.|$)")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it fell back to CPU
-    import ray.data  # noqa: F401  (configures its loggers on import: set levels after it)
+    import ray.data  # noqa: F401  (configures its loggers on import: the levels are set after it)
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # each dataset's start, plan and end

@@ -8,7 +8,6 @@ import math
 import numpy as np
 
 from cluster import storage
-from cluster.spec import resolved_dict
 from data_pipelines.labelled import read_manifest, read_split
 from lmjobs.finetune import base, features, multitask
 from lmjobs.config import FinetuneSpec

@@ -28,10 +28,10 @@ def _source(spec: PretrainSpec, source: str):
         chunks = file_chunks([storage.join(base, f) for f in manifest["shards"]["train"]], cfg)
         if spec.data.max_blocks:
             chunks = _cap(chunks, spec.data.max_blocks)
-        val = None
+        val = None  # a function building the held-out Ray Dataset once the cluster is joined
         if spec.data.val_blocks and manifest["sequences"].get("val"):
-            def val():  # a Ray Dataset: built once the cluster is joined
-                return load_packed(source, "val", cfg, num_cpus=runner.DATA_TASK_CPUS).limit(spec.data.val_blocks)
+            val = lambda: load_packed(source, "val", cfg, num_cpus=runner.DATA_TASK_CPUS).limit(  # noqa: E731
+                spec.data.val_blocks)
         tokenizer_uri = storage.join(base, manifest["tokenizer"]["path"])
         return chunks, None, val, storage.read_text(tokenizer_uri, cfg)
     blocks = byte_blocks(read_texts(source, cfg), spec.data.seq_len, spec.data.max_blocks)
