@@ -176,11 +176,14 @@ class Trainer:
         """Measure the device (all ranks at once, nothing else running), build the model and the
         DeepSpeed engine, and load the checkpoint a resumed run starts from."""
         saved = _read_state(resume_dir)
-        _barrier()  # no rank measures while another still starts (or already reads data)
-        rates = measure_device(training_device(self.spec.scaling.use_gpu))
-        _barrier()
         # a resumed run keeps the precision its first attempt chose: the same sums, exactly
-        self.precision = _rank0_decision(saved.get("precision") or resolve_precision(self.precision, rates))
+        chosen = saved.get("precision") or (None if self.precision == "auto" else self.precision)
+        rates = None
+        if chosen is None or self.spec.train.peak_tflops is None:  # same on every rank: one spec, one checkpoint
+            _barrier()  # no rank measures while another still starts (or already reads data)
+            rates = measure_device(training_device(self.spec.scaling.use_gpu))
+            _barrier()
+        self.precision = _rank0_decision(chosen or resolve_precision(self.precision, rates))
         self.peak_tflops = self.spec.train.peak_tflops or peak_for(self.precision, rates)
         model = self.task.build_model()
         self.model_flops = self.task.flops_per_token(model)  # before ZeRO-3 partitions the parameters
