@@ -266,3 +266,17 @@ def test_a_diverged_trial_leaves_strict_json_and_no_nan_best(tmp_path):
     saved = json.loads((root / "report" / "report.json").read_text(), parse_constant=refuse)
     diverged = next(t for t in saved["trials"] if t["trial_id"] == "trial_00001")
     assert diverged["best"]["value"] == 0.5 and diverged["history"][1]["val_accuracy"] is None
+
+
+def test_a_grid_campaign_without_num_trials_plans_every_combination(tmp_path):
+    root = tmp_path / "grid"
+    space = {"data.batch_size": {"grid": [16, 32], "choice": None}, "optim.lr": {"choice": [1e-4, 1e-3, 1e-2]}}
+    trials = {f"trial_{i:05d}": {"params": {"data.batch_size": 16 * (1 + i % 2), "optim.lr": 1e-4},
+                                 "status": "finished", "attempts": [(T0, 0, None, steps(0.5 + 0.01 * i))]}
+              for i in range(4)}
+    write_campaign(root, trials, space=space, num_trials=None)
+    spec = yaml.safe_load((root / "campaign.yaml").read_text())
+    (root / "campaign.yaml").write_text(yaml.safe_dump({**spec, "searcher": {"kind": "grid"}}, sort_keys=False))
+    out = report.write_report(str(root))
+    assert out["budget"]["trials_planned"] == 2 * 3
+    assert "| trials started | 4 of 6 planned |" in (root / "report" / "leaderboard.md").read_text()

@@ -53,7 +53,7 @@ def collect(campaign_dir: str, cfg: storage.StorageConfig | None = None) -> dict
     ends = [t["last_result_time"] for t in trials if t["last_result_time"] is not None]
     budget = {
         "trials_started": sum(t["started"] for t in trials),
-        "trials_planned": (spec.get("budget") or {}).get("num_trials"),
+        "trials_planned": _trials_planned(spec),
         "trial_epochs": sum(t["epochs_trained"] for t in trials),
         "cpu_seconds": sum(t["cpu_seconds"] for t in trials),
         "gpu_seconds": sum(t["gpu_seconds"] for t in trials),
@@ -73,6 +73,14 @@ def collect(campaign_dir: str, cfg: storage.StorageConfig | None = None) -> dict
         "budget": budget,
         "best_trial": ranked[0]["trial_id"] if ranked else None,
     }
+
+
+def _trials_planned(spec: dict) -> int | None:
+    """budget.num_trials; a grid search may leave it null, meaning every combination once."""
+    planned = (spec.get("budget") or {}).get("num_trials")
+    if planned is None and (spec.get("searcher") or {}).get("kind") == "grid":
+        planned = math.prod(len(_domain(name, domain)[1]) for name, domain in (spec.get("space") or {}).items())
+    return planned
 
 
 def _trial(trial_id: str, trial_dir: str, files: set[str], metric: str, mode: str, cfg) -> dict:
@@ -191,7 +199,8 @@ def _domain(name: str, spec) -> tuple[str, list]:
             raise ValueError(f"space.{name}: a domain has exactly one kind (choice, grid, uniform, "
                              f"loguniform, int), found {sorted(given) or 'none'}")
         (kind, args), = given.items()
-        return kind, list(args) if isinstance(args, (list, tuple)) else [args]
+        # a spec dumped by field name says `integer` where the YAML said `int`
+        return "int" if kind == "integer" else kind, list(args) if isinstance(args, (list, tuple)) else [args]
     return "choice", list(spec) if isinstance(spec, (list, tuple)) else [spec]
 
 
