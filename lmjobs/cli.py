@@ -297,7 +297,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_tune_report(argv: list[str]) -> int:
+    """`lmjobs tune report DIR`: a campaign's report from its directory, while it runs or after."""
+    from lmjobs.tune.report import write_report
+
+    p = argparse.ArgumentParser(prog="lmjobs tune report",
+                                description="leaderboard, learning curves, parallel coordinates, parameter "
+                                            "importance and budget of a campaign (lmjobs tune)")
+    p.add_argument("dir", help="the campaign directory, OUTPUT_ROOT/NAME (local or s3://)")
+    p.add_argument("--endpoint-url", help="S3 endpoint of an s3:// campaign (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--out", help="where to write it (default DIR/report)")
+    args = p.parse_args(argv)
+    from cluster.storage import StorageConfig
+
+    cfg = StorageConfig(endpoint_url=args.endpoint_url) if args.endpoint_url else None
+    out = write_report(args.dir, cfg, args.out)
+    b = out["budget"]
+    print(f"[tune] {b['trials_started']} trials started of {b['trials_planned']} ({b['finished']} finished, "
+          f"{b['stopped_early']} stopped early, {b['errored']} errored); best trial {out['best_trial']}")
+    print(f"  leaderboard : {out['leaderboard_md']}  ({out['leaderboard_csv']})")
+    print(f"  plots       : {', '.join(out['plots'])}")
+    print(f"  report JSON : {out['report_json']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["tune", "report"]:  # beside `lmjobs tune CAMPAIGN.yaml`, whose argument is a path
+        try:
+            return cmd_tune_report(argv[2:])
+        except (RuntimeError, FileNotFoundError, ValueError) as exc:
+            print(f"lmjobs: error: {exc}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -25,6 +25,7 @@ from cluster import storage
 from cluster.connect import connect, is_embedded
 from cluster.spec import JobSpec, resolved_dict
 from lmjobs.config import DataIngestSpec, DataPrepareSpec, FinetuneSpec, LabelSpec, PretrainSpec, TrainJobSpec
+from lmjobs.tune.spec import TuneSpec
 
 DATA_CPUS = 0.5  # kept free on a fixed-size cluster for Ray Data's read tasks
 DATA_TASK_CPUS = 0.25  # what one read task asks for: below DATA_CPUS, or a task that needs a whole CPU never runs
@@ -158,13 +159,19 @@ def check_resume(spec: TrainJobSpec, run_dir: str) -> None:
     if name is None:
         return
     saved = json.loads(storage.read_text(storage.join(run_dir, name, "train_state.json"), cfg)).get("config") or {}
+    check_same_run(saved, spec, f"{run_dir} holds a checkpoint at {name} of a run",
+                   f"Give the run another name, or remove {run_dir} to start over")
+
+
+def check_same_run(saved: dict, spec: TrainJobSpec, what: str, fix: str = "") -> None:
+    """Refuse to continue a checkpoint (its resolved config `saved`) under a spec that describes
+    another run, naming the first SAME_ON_RESUME field that differs."""
     now = resolved_dict(spec)
     for field in SAME_ON_RESUME:
         before, after = _field(saved, field), _field(now, field)
         if before != after and not (field in ("data", "model") and _only_allowed(before, after)):
-            raise ValueError(f"{field}: {run_dir} holds a checkpoint at {name} of a run with {field} = "
-                             f"{json.dumps(before)}, but the spec says {json.dumps(after)}; resuming would mix two "
-                             f"runs. Give the run another name, or remove {run_dir} to start over")
+            raise ValueError(f"{field}: {what} with {field} = {json.dumps(before)}, but the spec says "
+                             f"{json.dumps(after)}; continuing it would mix two runs. {fix}".rstrip())
 
 
 def _only_allowed(before: Any, after: Any) -> bool:
@@ -194,16 +201,10 @@ def _job_env_vars() -> dict:
     return ((json.loads(raw).get("runtime_env") or {}).get("env_vars")) or {}
 
 
-def start(spec: TrainJobSpec, run_dir: str) -> None:
-    """Join (or start) the Ray cluster, check CPU headroom and that a resumed run is the same run,
-    save the resolved config: before any data work of a training job."""
-    import ray
-    import ray.data
-
-    check_resume(spec, run_dir)
+def join_cluster(address: str | None, num_cpus: int | None = None) -> dict:
+    """Join (or start) the Ray cluster a job runs on, forwarding what its workers need."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in _job_env_vars()}
-    joined = connect(spec.scaling.address, num_cpus=spec.scaling.embedded_num_cpus,
-                     runtime_env={"env_vars": env} if env else None)
+    joined = connect(address, num_cpus=num_cpus, runtime_env={"env_vars": env} if env else None)
     _stats_actor_here()
     # Ray Train V2 sends worker prints through its logger as well as to stdout (each line twice in
     # the driver's console) unless its print patch is off; these variables reach the workers
@@ -211,6 +212,17 @@ def start(spec: TrainJobSpec, run_dir: str) -> None:
     if is_embedded():
         # nothing preempts a cluster on this machine; its watcher actor only logs a core-worker error
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return joined
+
+
+def start(spec: TrainJobSpec, run_dir: str) -> None:
+    """Join (or start) the Ray cluster, check CPU headroom and that a resumed run is the same run,
+    save the resolved config: before any data work of a training job."""
+    import ray
+    import ray.data
+
+    check_resume(spec, run_dir)
+    joined = join_cluster(spec.scaling.address, spec.scaling.embedded_num_cpus)
     if joined["embedded"]:  # a fixed-size cluster; remote ones may autoscale
         check_cpu_headroom(ray.cluster_resources().get("CPU", 0.0), spec.scaling.num_workers,
                            spec.scaling.cpus_per_worker)
@@ -221,9 +233,15 @@ def start(spec: TrainJobSpec, run_dir: str) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
-def launch(prepared: Prepared, run_dir: str | None = None):
+def launch(prepared: Prepared, run_dir: str | None = None, *, callbacks: tuple = (), init_from: str | None = None,
+           checkpoint_score: tuple[str, str] | None = None):
     """Run a prepared training job to its end (resuming from the run dir's last checkpoint);
-    returns Ray Train's result."""
+    returns Ray Train's result.
+
+    callbacks: Ray Train user callbacks (a Tune trial relays reports through one).  init_from: a
+    checkpoint of another run (local or s3:// URI) a run without checkpoints of its own starts
+    from: weights, optimizer state and step (a PBT exploit); it must describe the same run.
+    checkpoint_score: (metric, "max"|"min"): keep train.keep_checkpoints best by it, plus the latest."""
     from lmjobs.pretrain.data import rank_dataset
 
     spec = prepared.spec
@@ -231,6 +249,12 @@ def launch(prepared: Prepared, run_dir: str | None = None):
     cfg = spec.output.storage
     start(spec, run_dir)
     first = min(resume_step(run_dir, cfg), spec.train.steps)
+    if first == 0 and init_from is not None:
+        state = json.loads(storage.read_text(storage.join(init_from, "train_state.json"), cfg))
+        check_same_run(state.get("config") or {}, spec, f"{init_from} is a checkpoint of a run")
+        first = min(int(state["step"]), spec.train.steps)
+    else:
+        init_from = None  # the run's own checkpoint wins: it continues past the one it started from
     world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
     # one dataset a rank, in the deterministic order of lmjobs.pretrain.data
     datasets = {f"train_{rank}": rank_dataset(prepared.sources, prepared.weights_at, spec.train.seed, rank, world,
@@ -240,11 +264,12 @@ def launch(prepared: Prepared, run_dir: str | None = None):
     if prepared.val_dataset is not None:
         datasets["val"] = prepared.val_dataset()  # every worker reads it from its start
     config = {"kind": spec.kind, "spec": resolved_dict(spec), "run_dir": run_dir, "payload": prepared.payload,
-              "val": prepared.val, "data_start_step": first}
-    return fit(spec, worker_loop, config, datasets, run_dir)
+              "val": prepared.val, "data_start_step": first, "init_from": init_from}
+    return fit(spec, worker_loop, config, datasets, run_dir, callbacks=callbacks, checkpoint_score=checkpoint_score)
 
 
-def fit(spec: TrainJobSpec, loop, loop_config: dict, datasets: dict, run_dir: str):
+def fit(spec: TrainJobSpec, loop, loop_config: dict, datasets: dict, run_dir: str, callbacks: tuple = (),
+        checkpoint_score: tuple[str, str] | None = None):
     """One TorchTrainer run of `loop` (checkpoints in the run dir, restarts from the last one);
     returns Ray Train's result.  Every rank's datasets are its own: Ray splits nothing."""
     import ray.train
@@ -252,6 +277,8 @@ def fit(spec: TrainJobSpec, loop, loop_config: dict, datasets: dict, run_dir: st
 
     root, name = run_dir.rsplit("/", 1)
     storage_path, filesystem = storage.train_storage(root, spec.output.storage)
+    score = {} if checkpoint_score is None else {"checkpoint_score_attribute": checkpoint_score[0],
+                                                   "checkpoint_score_order": checkpoint_score[1]}
     trainer = TorchTrainer(
         loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -259,8 +286,8 @@ def fit(spec: TrainJobSpec, loop, loop_config: dict, datasets: dict, run_dir: st
             resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **spec.scaling.worker_resources}),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints, **score),
+            failure_config=ray.train.FailureConfig(max_failures=spec.train.max_failures), callbacks=list(callbacks),
             # Ray Train's INFO lines (worker group start, every TrainingReport) drown the progress lines
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -344,12 +371,17 @@ def worker_loop(config: dict) -> None:
     batches = shard.iter_batches(batch_size=spec.train.micro_batch_size, drop_last=True, batch_format="numpy")
     trainer = Trainer(spec, task, rank, RayReporter(), config["run_dir"])
     checkpoint = ray.train.get_checkpoint()
+    adopted = checkpoint is None and config.get("init_from") is not None
+    if adopted:  # another run's checkpoint (a PBT donor's): this run continues from its state
+        path, filesystem = storage.train_storage(config["init_from"], spec.output.storage)
+        checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
     if checkpoint is None:
         trainer.setup(None)
     else:
         with checkpoint.as_directory() as directory:
             trainer.setup(directory)
-    trainer.fit(batches, val, config["data_start_step"])
+    # an adopted state is scored before training on: the run's first line is the donor's model
+    trainer.fit(batches, val, config["data_start_step"], evaluate_first=adopted)
 
 
 # -- the kinds lmjobs ships ---------------------------------------------------------------------
@@ -361,6 +393,9 @@ register(JobKind("finetune", FinetuneSpec, ("finetune",),
                  "fine-tune a Hugging Face / lmjobs model on labelled data (SFT, classification, tokens, QA)",
                  run="lmjobs.finetune.driver:run", summary="lmjobs.finetune.driver:summary",
                  prepare="lmjobs.finetune.driver:prepare", task="lmjobs.finetune.tasks:build_task"))
+register(JobKind("tune", TuneSpec, ("tune",),
+                 "a hyperparameter campaign over a fine-tune (Ray Tune: searcher, scheduler, budgets, resume)",
+                 run="lmjobs.tune.driver:run", summary="lmjobs.tune.driver:summary", address_field="address"))
 register(JobKind("label", LabelSpec, ("label",),
                  "label texts with a fine-tuned classifier (Ray Data batch inference, actor pool)",
                  run="lmjobs.label:run", summary="lmjobs.label:summary", address_field="address"))

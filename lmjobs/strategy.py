@@ -177,7 +177,20 @@ class DeepSpeedStrategy:
         path, client_state = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint in {directory}")
+        self._apply_optim()
         return client_state or {}
+
+    def _apply_optim(self) -> None:
+        """The spec's optimizer settings over the ones the checkpoint carried: a resumed run may
+        change the learning rate (SAME_ON_RESUME leaves it free), and a PBT exploit continues a
+        donor's state with mutated settings.  The schedule's position stays the checkpoint's."""
+        scheduler, optim = self.engine.lr_scheduler, self.optim
+        scheduler.base_lrs = [optim.lr for _ in scheduler.base_lrs]
+        for group, factor in zip(self.engine.optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = optim.lr * factor(scheduler.last_epoch)
+            group["betas"], group["eps"] = tuple(optim.betas), optim.eps
+            if group["weight_decay"]:  # the no-decay group (biases, norms) stays at 0
+                group["weight_decay"] = optim.weight_decay
 
 
 

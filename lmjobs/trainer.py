@@ -304,22 +304,24 @@ class Trainer:
             shutil.rmtree(local, ignore_errors=True)
 
     # -- the loop ---------------------------------------------------------------------------
-    def fit(self, batches: Iterable[dict], val: Any = None, data_start_step: int = 0) -> dict:
+    def fit(self, batches: Iterable[dict], val: Any = None, data_start_step: int = 0,
+            evaluate_first: bool = False) -> dict:
         """Run the remaining optimizer steps; returns the last metrics.
 
         batches: this rank's micro-batches (dicts of columns with `sample_id`) from step
         `data_start_step` on, in the order of lmjobs.pretrain.data; a resumed run skips the ones
         before its checkpoint.  val: whatever the task evaluates on (None: no evaluation); under
-        ZeRO-3 every rank must run the same number of forwards on it."""
+        ZeRO-3 every rank must run the same number of forwards on it.  evaluate_first: score the
+        state the run starts from before training (besides train.eval_at_start's step-0 baseline)."""
         spec = self.spec
         if self.start_step < data_start_step:
             raise RuntimeError(f"resumed at step {self.start_step} but the data plan starts at step {data_start_step}")
         stream = _stream(batches, (self.start_step - data_start_step) * self.accum)
         self._window()  # the first window's tokens/s counts from here, not from setup
         metrics: dict = {}
-        if val is not None and self.start_step == 0 and getattr(spec.train, "eval_at_start", False):
+        if val is not None and (evaluate_first or (self.start_step == 0 and getattr(spec.train, "eval_at_start", False))):
             # the untrained model's score: the baseline the run's improvement is measured against
-            baseline = {"step": 0, **self.evaluate(val, False)}
+            baseline = {"step": self.start_step, **self.evaluate(val, False)}
             self.state["history"].append(baseline)
             if self.rank == 0:
                 self.metrics_log.append(baseline)

