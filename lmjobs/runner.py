@@ -394,7 +394,8 @@ register(JobKind("finetune", FinetuneSpec, ("finetune",),
                  run="lmjobs.finetune.driver:run", summary="lmjobs.finetune.driver:summary",
                  prepare="lmjobs.finetune.driver:prepare", task="lmjobs.finetune.tasks:build_task"))
 register(JobKind("tune", TuneSpec, ("tune",),
-                 "a hyperparameter campaign over a fine-tune (Ray Tune: searcher, scheduler, budgets, resume)",
+                 "a hyperparameter campaign over a fine-tune (Ray Tune: searcher, scheduler, budgets, resume); "
+                 "`lmjobs tune report DIR` writes its report again",
                  run="lmjobs.tune.driver:run", summary="lmjobs.tune.driver:summary", address_field="address"))
 register(JobKind("label", LabelSpec, ("label",),
                  "label texts with a fine-tuned classifier (Ray Data batch inference, actor pool)",

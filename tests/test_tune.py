@@ -279,7 +279,48 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, keyword_t
         assert adopted and adopted[-1]["val_loss"] == donor_result["val_loss"]
         planned = json.loads((trials / trial_id / "trial.json").read_text())["steps"]
         after = [m for m in history if m["step"] > step]
+        # with its own, mutated learning rate: the schedule's position is the donor's, its peak the new value
+        from lmjobs.config import FinetuneOptimSection
+        from lmjobs.strategy import lr_lambda
+
+        schedule = lr_lambda(FinetuneOptimSection(lr=attempt["params"]["optim.lr"]), planned)
+        for m in after:
+            assert m["lr"] == pytest.approx(attempt["params"]["optim.lr"] * schedule(m["step"]), rel=1e-6)
         # it trained on from the donor's step to the end (logged at each report, every 8 steps)
         assert [m["step"] for m in after] == list(range(step + 8, planned + 1, 8))
         assert all(m["start_step"] == step for m in after)
     assert out["best"] is not None and (pathlib.Path(out["best"]["dir"]) / "model.safetensors").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_grid_campaign_on_s3_and_report_command(ray_cluster, keyword_task, s3_bucket):
+    """The whole campaign state on the S3 server: Tune's experiment, the trials' Train runs and
+    checkpoints, the report and the best model; `lmjobs tune report` rebuilds the report there."""
+    from cluster import storage
+    from lmjobs.cli import main
+    from lmjobs.tune.driver import run
+
+    bucket, cfg = s3_bucket
+    body = _campaign(keyword_task, "grid", searcher={"kind": "grid"}, scheduler={"kind": "fifo"},
+                     budget={"num_trials": None}, space={"optim.lr": {"grid": [1e-3, 1e-2]}},
+                     output={"root": f"{bucket}/campaigns", "storage": {"endpoint_url": cfg.endpoint_url}})
+    body["base"]["train"]["epochs"] = 1
+    out = run(load_spec(_write(keyword_task["tmp"], body), KINDS))
+    cdir = f"{bucket}/campaigns/grid"
+    assert out["campaign_dir"] == cdir
+    files = storage.list_files(cdir, cfg)
+    trial_ids = sorted({f.split("/")[1] for f in files if f.startswith("trials/")})
+    assert len(trial_ids) == 2
+    params = sorted(json.loads(storage.read_text(f"{cdir}/trials/{t}/trial.json", cfg))["params"]["optim.lr"]
+                    for t in trial_ids)
+    assert params == [1e-3, 1e-2]  # the grid, each value once
+    assert any(f.startswith("tune/") and f.endswith("pointer.json") for f in files)
+    assert any("/run/checkpoint_step" in f and f.endswith("train_state.json") for f in files)
+    manifest = json.loads(storage.read_text(f"{cdir}/best_model/manifest.json", cfg))
+    assert manifest["checkpoint"].startswith(f"{bucket}/campaigns/grid/trials/")
+    assert storage.exists(f"{cdir}/best_model/model.safetensors", cfg)
+    storage.delete(f"{cdir}/report", cfg)
+    assert main(["tune", "report", cdir, "--endpoint-url", cfg.endpoint_url]) == 0
+    report = json.loads(storage.read_text(f"{cdir}/report/report.json", cfg))
+    assert report["budget"]["finished"] == 2 and report["best_trial"] == manifest["trial_id"]

@@ -10,7 +10,8 @@ attaching a Tune checkpoint that is a pointer (`pointer.json`) to the Train chec
 weights are never copied.
 
 Files of trial ID under CAMPAIGN/trials/ID (read by lmjobs.tune.report):
-  trial.json      params and plan;  attempts.jsonl  one line per start of this driver;
+  trial.json      params and plan;  attempts.jsonl  one line per start of this driver (with the
+                  values it ran with: PBT mutates them);
   results.jsonl   every reported result;  done.json  the final result (a finished trial);
   RUN/            Ray Train run dirs: `run` first, `from-DONOR-sSTEP` after each PBT exploit.
 """
@@ -120,7 +121,7 @@ def run_trial(config: dict, campaign: dict, campaign_dir: str, threads: int | No
             "train_rows": prepared.info["train_rows"], "cpus": spec.trial_cpus,
             "gpus": spec.trial.num_workers if spec.trial.use_gpu else 0.0}, indent=1), cfg)
     _append(storage.join(trial_dir, "attempts.jsonl"), {
-        "attempt": attempt, "start": time.time(), "run": run, "pid": os.getpid(),
+        "attempt": attempt, "start": time.time(), "run": run, "pid": os.getpid(), "params": params,
         "from": None if init_from is None else {"trial_id": pointer["trial_id"], "checkpoint": init_from,
                                                  "step": pointer["step"]}}, cfg)
 
