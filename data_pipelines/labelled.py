@@ -277,6 +277,17 @@ def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def read_records(path: str, fmt: str, cfg: StorageConfig | None = None) -> list[tuple[str, dict | None, str]]:
+    """(where, record, problem) of every record of a raw labelled file (csv, tsv, json, jsonl, squad)."""
+    if not storage.exists(path, cfg):
+        raise FileNotFoundError(f"{path}: no such file")
+    inp = InputSection(path=path, format=fmt)
+    try:
+        return list(_rows(storage.read_bytes(path, cfg), inp))
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+        raise IngestError(f"{path}: unreadable {fmt}: {exc}") from exc
+
+
 # -- reading an ingested dataset back ----------------------------------------------------------
 
 def read_manifest(source: str, cfg: StorageConfig | None = None) -> tuple[str, dict]:

@@ -25,6 +25,7 @@ from cluster import storage
 from cluster.connect import connect, is_embedded
 from cluster.spec import JobSpec, resolved_dict
 from lmjobs.config import DataIngestSpec, DataPrepareSpec, FinetuneSpec, LabelSpec, PretrainSpec, TrainJobSpec
+from lmjobs.evaluate.spec import EvalSpec
 from lmjobs.tune.spec import TuneSpec
 
 DATA_CPUS = 0.5  # kept free on a fixed-size cluster for Ray Data's read tasks
@@ -397,6 +398,9 @@ register(JobKind("tune", TuneSpec, ("tune",),
                  "a hyperparameter campaign over a fine-tune (Ray Tune: searcher, scheduler, budgets, resume); "
                  "`lmjobs tune report DIR` writes its report again",
                  run="lmjobs.tune.driver:run", summary="lmjobs.tune.driver:summary", address_field="address"))
+register(JobKind("eval", EvalSpec, ("eval",),
+                 "evaluate models: perplexity, zero/few-shot in-context tasks, task metrics, samples (Ray Data actor pool)",
+                 run="lmjobs.evaluate.driver:run", summary="lmjobs.evaluate.driver:summary", address_field="address"))
 register(JobKind("label", LabelSpec, ("label",),
                  "label texts with a fine-tuned classifier (Ray Data batch inference, actor pool)",
                  run="lmjobs.label:run", summary="lmjobs.label:summary", address_field="address"))
@@ -410,7 +414,7 @@ register(JobKind("data_ingest", DataIngestSpec, ("data", "ingest"),
 
 # -- checks before any cluster work ---------------------------------------------------------------
 
-PATH_FIELDS = ("source", "base", "path", "model")  # spec fields that name data or weights
+PATH_FIELDS = ("source", "base", "path", "model", "run", "data")  # spec fields that name data or weights
 
 
 def missing_paths(spec: JobSpec) -> list[tuple[str, str]]:
