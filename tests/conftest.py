@@ -63,3 +63,24 @@ def s3_bucket(s3_endpoint):
     name = f"t-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     yield f"s3://{name}", StorageConfig(endpoint_url=s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A random 2-layer GPT-2 with a character tokenizer, saved as a Hugging Face directory."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=len(vocab), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                    bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1)
+    transformers.GPT2LMHeadModel(config).save_pretrained(out)
+    return str(out)

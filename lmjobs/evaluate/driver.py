@@ -176,14 +176,16 @@ def _packed(section, cfg) -> tuple[list[list[int]], dict]:
 
 def windows(ids: list[int], window: int, stride: int) -> list[dict]:
     """Sliding windows over one token sequence: each token after the first is scored exactly once,
-    with up to window - 1 tokens of context (the first window scores all of its tokens)."""
-    out, prev_end = [], 0
-    for begin in range(0, max(len(ids) - 1, 1), stride):
-        end = min(begin + window, len(ids))
-        out.append({"ids": ids[begin:end], "score_from": max(prev_end - begin, 1)})
-        prev_end = end
-        if end == len(ids):
-            break
+    every window after the first scores its last `stride` tokens (at most window - 1: a scored token
+    needs one before it) with the rest of the window as context."""
+    step = max(1, min(stride, window - 1))
+    end = min(window, len(ids))
+    out = [{"ids": ids[:end], "score_from": 1}]
+    while end < len(ids):
+        new_end = min(end + step, len(ids))
+        begin = max(0, new_end - window)
+        out.append({"ids": ids[begin:new_end], "score_from": end - begin})
+        end = new_end
     return out
 
 
