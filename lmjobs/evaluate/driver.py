@@ -19,7 +19,7 @@ from cluster import storage
 from cluster.spec import SpecError, resolved_dict
 from lmjobs.evaluate import icl as icl_mod
 from lmjobs.evaluate.scoring import batched, run_pool
-from lmjobs.evaluate.spec import EvalSpec, load_task
+from lmjobs.evaluate.spec import EvalSpec, load_task, selects
 
 CAUSAL = "AutoModelForCausalLM"
 HEAD_OF = {"ForSequenceClassification": "AutoModelForSequenceClassification",
@@ -192,16 +192,12 @@ def windows(ids: list[int], window: int, stride: int) -> list[dict]:
 def perplexity_requests(spec: EvalSpec, tok, model: Model) -> tuple[list[dict], list[dict]]:
     """Requests and, per section, what it read: packed shards keep their ids; text is tokenised."""
     requests, info = [], []
-    for section in spec.perplexity:
+    for section in (s for s in spec.perplexity if selects(s, model.name)):
         packed = storage.is_remote(section.path) or pathlib.Path(section.path).is_dir() or \
             section.path.endswith("manifest.json")
         if packed:
             seqs, manifest = _packed(section, spec.output.storage)
-            top = max((max(s) for s in seqs if s), default=0)
-            if top >= model.vocab_size:
-                raise ValueError(f"perplexity {section.name}: token id {top} in {section.path} is outside "
-                                 f"{model.name}'s vocabulary ({model.vocab_size}); packed shards must come from the "
-                                 "model's own tokenizer")
+            _same_tokenizer(section, manifest, tok, model, spec.output.storage)
             source = {"kind": "packed", "sequences": len(seqs), "tokenizer": manifest.get("tokenizer")}
         else:
             texts = _texts(section)
@@ -228,6 +224,25 @@ def perplexity_requests(spec: EvalSpec, tok, model: Model) -> tuple[list[dict], 
         info.append({"name": section.name, "path": section.path, "window": window, "stride": stride,
                      "windows": len(items), "requests": (start, len(requests)), **source})
     return requests, info
+
+
+def _same_tokenizer(section, manifest: dict, tok, model: Model, cfg) -> None:
+    """Packed ids mean something only under the tokenizer that made them: every token of the
+    shards' tokenizer must have the same id in the model's."""
+    from tokenizers import Tokenizer
+
+    meta = manifest.get("tokenizer") or {}
+    base = section.path[:-len("manifest.json")] if section.path.endswith("manifest.json") else section.path
+    uri = storage.join(base, meta.get("path", "tokenizer.json"))
+    if not storage.exists(uri, cfg):
+        raise ValueError(f"perplexity {section.name}: {uri} is missing; cannot tell which tokenizer made the shards")
+    theirs = Tokenizer.from_str(storage.read_text(uri, cfg)).get_vocab()
+    ours = tok.get_vocab()
+    differ = [t for t, i in theirs.items() if ours.get(t) != i]
+    if differ:
+        raise ValueError(f"perplexity {section.name}: {section.path} was tokenised by another tokenizer than "
+                         f"{model.name}'s ({len(differ)} of {len(theirs)} tokens differ, e.g. {differ[0]!r}); score "
+                         "text instead, or give the section `models:` to restrict it")
 
 
 def sample_requests(spec: EvalSpec, tok) -> tuple[list[dict], list[dict]]:
@@ -330,7 +345,7 @@ def run(spec: EvalSpec, progress=print) -> dict:
         requests: list[dict] = []
         parts: dict[str, Any] = {}
         if m.head == CAUSAL:
-            for plan in icl_plans:
+            for plan in (p for p in icl_plans if selects(p["entry"], m.name)):
                 reqs, keys = icl_requests(plan, tok, m, spec.compute)
                 parts[f"icl:{plan['task'].name}"] = (len(requests), len(requests) + len(reqs), keys)
                 requests += reqs
@@ -339,13 +354,13 @@ def run(spec: EvalSpec, progress=print) -> dict:
                 a, b = info.pop("requests")
                 parts[f"ppl:{info['name']}"] = (len(requests) + a, len(requests) + b, info)
             requests += ppl_reqs
-            if spec.samples:
+            if spec.samples and selects(spec.samples, m.name):
                 reqs, keys = sample_requests(spec, tok)
                 parts["samples"] = (len(requests), len(requests) + len(reqs), keys)
                 requests += reqs
         else:
             for plan in tm_plans:
-                if plan["task"] not in TASK_OF_HEAD[m.head]:
+                if plan["task"] not in TASK_OF_HEAD[m.head] or not selects(plan["section"], m.name):
                     continue
                 reqs, extra = head_requests(plan, tok, spec.compute)
                 parts[f"task:{plan['section'].name}"] = (len(requests), len(requests) + len(reqs), extra)

@@ -81,6 +81,7 @@ class TaskDef(Section):
 
 
 class IclSection(Section):
+    models: list[str] | None = None  # names of models entries this section scores (default: every one it applies to)
     task: str  # a shipped task's name (sst2, rte, mrpc, xquad) or the path of a task YAML
     shots: list[int] = Field([0], min_length=1)  # k demonstrations per prompt, one result per k
     num_examples: int | None = Field(None, ge=1)  # a seeded sample of the eval records (null: all)
@@ -103,6 +104,7 @@ class PerplexitySection(Section):
     `whole_file`; jsonl: a `text` field) tokenised by each model's tokenizer, or packed shards
     (`lmjobs data prepare` output, whose token ids are the pre-trained model's)."""
 
+    models: list[str] | None = None  # names of models entries this section scores (default: every one it applies to)
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     path: str  # a .txt / .jsonl file, or a prepared data directory (manifest.json + shards)
     split: str = "val"  # packed shards: which split
@@ -122,6 +124,7 @@ class PerplexitySection(Section):
 class TaskMetricsSection(Section):
     """A fine-tuned head (classification / tokens / QA) on an ingested dataset's split."""
 
+    models: list[str] | None = None  # names of models entries this section scores (default: every one it applies to)
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     data: str  # an `lmjobs data ingest` directory
     split: str = "dev"
@@ -131,6 +134,7 @@ class TaskMetricsSection(Section):
 
 
 class SamplesSection(Section):
+    models: list[str] | None = None  # names of models entries this section scores (default: every one it applies to)
     prompts: list[str] = Field(min_length=1)
     seeds: list[int] = [0]  # one sample per prompt and seed
     max_new_tokens: int = Field(40, ge=1, le=1024)
@@ -182,11 +186,25 @@ class EvalSpec(JobSpec):
     def _something_to_do(self):
         if not (self.perplexity or self.icl or self.task_metrics or self.samples):
             raise ValueError("nothing to evaluate: give at least one of perplexity, icl, task_metrics, samples")
+        named = {m.name for m in self.models if m.name}
+        sections = [(f"{what}[{i}]", sec) for what in ("icl", "perplexity", "task_metrics")
+                    for i, sec in enumerate(getattr(self, what))] + ([("samples", self.samples)] if self.samples else [])
+        for where, sec in sections:
+            for n in sec.models or []:
+                if n not in named:
+                    raise ValueError(f"{where}.models: {n!r} is not the name of a models entry "
+                                     f"(named: {', '.join(sorted(named)) or 'none; give models[].name'})")
         for what, names in (("perplexity", [p.name for p in self.perplexity]),
                             ("task_metrics", [t.name for t in self.task_metrics])):
             if len(set(names)) != len(names):
                 raise ValueError(f"{what}: names must be distinct (got {names})")
         return self
+
+
+def selects(section, model_name: str) -> bool:
+    """Whether a section scores this model: no `models` list, or the model's entry is in it (a
+    `run` entry's checkpoints are named ENTRY@STEP)."""
+    return section.models is None or any(model_name == n or model_name.startswith(n + "@") for n in section.models)
 
 
 def task_path(task: str) -> pathlib.Path:
