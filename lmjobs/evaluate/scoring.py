@@ -147,7 +147,7 @@ def run_pool(directory: str, head: str, requests: list[dict], compute) -> list[A
     out = ds.map_batches(Scorer, fn_constructor_kwargs={
         "directory": directory, "head": head, "threads": compute.threads_per_actor,
         "precision": compute.precision, "use_gpu": compute.gpus_per_actor > 0},
-        batch_size=1, batch_format="numpy", concurrency=compute.num_actors,
+        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
         num_cpus=compute.cpus_per_actor, num_gpus=compute.gpus_per_actor or None)
     results: list[Any] = [None] * len(rows)
     for batch in out.iter_batches(batch_size=256, batch_format="numpy"):
