@@ -1,0 +1,80 @@
+"""RLHF numerics against values computed by hand (no Ray, no DeepSpeed)."""
+import math
+
+import pytest
+import torch
+
+from lmjobs.rlhf import losses
+
+
+def test_gae_by_hand_including_padding():
+    adv, ret = losses.gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.6, 0.7]]), torch.ones(1, 3),
+                          gamma=1.0, lam=0.9)
+    assert adv.tolist()[0] == pytest.approx([0.433, 0.37, 0.3])
+    assert ret.tolist()[0] == pytest.approx([0.933, 0.97, 1.0])
+    # a response one token shorter: the padded position neither scores nor bootstraps
+    adv, _ = losses.gae(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.5, 0.7, 9.0]]),
+                        torch.tensor([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.9)
+    assert adv.tolist()[0] == pytest.approx([0.47, 0.3, 0.0])
+    adv, _ = losses.gae(torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 0.0]]), torch.ones(1, 2), gamma=0.5, lam=1.0)
+    assert adv.tolist()[0] == pytest.approx([0.5, 1.0])  # discounted: 0 + 0.5 * 1
+
+
+def test_ppo_clipped_policy_loss_and_value_clip_by_hand():
+    mask = torch.ones(1, 1)
+    loss, stats = losses.policy_loss(torch.tensor([[math.log(1.5)]]), torch.zeros(1, 1), torch.ones(1, 1), mask, 0.2)
+    assert float(loss) == pytest.approx(-1.2) and stats["clipfrac"] == 1.0  # gain capped at ratio 1.2
+    loss, stats = losses.policy_loss(torch.tensor([[math.log(0.5)]]), torch.zeros(1, 1), -torch.ones(1, 1), mask, 0.2)
+    assert float(loss) == pytest.approx(0.8) and stats["clipfrac"] == 1.0  # pessimistic side: ratio 0.8
+    loss, stats = losses.policy_loss(torch.tensor([[math.log(1.1)]]), torch.zeros(1, 1), torch.ones(1, 1), mask, 0.2)
+    assert float(loss) == pytest.approx(-1.1) and stats["clipfrac"] == 0.0
+    # value 1.0 -> 2.0 with old 1.0, return 3: unclipped (2-3)^2 = 1, clipped (1.2-3)^2 = 3.24 -> 0.5 * 3.24
+    loss, stats = losses.value_loss(torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), mask, 0.2)
+    assert float(loss) == pytest.approx(1.62) and stats["vf_clipfrac"] == 1.0
+    loss, _ = losses.value_loss(torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor([[3.0]]), mask, None)
+    assert float(loss) == pytest.approx(0.5)
+
+
+def test_kl_estimators_entropy_and_whitening():
+    logp, ref = torch.tensor([-1.0]), torch.tensor([-2.0])
+    assert float(losses.kl_penalty(logp, ref, "k1")) == pytest.approx(1.0)
+    assert float(losses.kl_penalty(logp, ref, "k2")) == pytest.approx(0.5)
+    assert float(losses.kl_penalty(logp, ref, "k3")) == pytest.approx(math.exp(-1))
+    # k1 and k3 are unbiased: their means over samples of p approach KL(p || q)
+    p, q = torch.tensor([0.7, 0.3]), torch.tensor([0.4, 0.6])
+    exact = float((p * (p / q).log()).sum())
+    torch.manual_seed(0)
+    x = torch.multinomial(p, 200_000, replacement=True)
+    for est in ("k1", "k3"):
+        assert float(losses.kl_penalty(p.log()[x], q.log()[x], est).mean()) == pytest.approx(exact, abs=3e-3)
+    assert float(losses.entropy(torch.zeros(1, 1, 4))) == pytest.approx(math.log(4))
+    w = losses.whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    assert w.tolist()[0][:3] == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-3) and w.tolist()[0][3] == 0.0
+
+
+def test_group_baselines_by_hand():
+    r = torch.tensor([1.0, 2.0, 3.0, 0.0, 0.0, 0.0])
+    assert losses.group_advantages(r, 3, "grpo").tolist() == pytest.approx([-1, 0, 1, 0, 0, 0], abs=1e-3)
+    assert losses.group_advantages(r, 3, "grpo", scale=False).tolist() == pytest.approx([-1, 0, 1, 0, 0, 0])
+    assert losses.group_advantages(r, 3, "rloo").tolist() == pytest.approx([-1.5, 0, 1.5, 0, 0, 0])
+    with pytest.raises(ValueError, match="groups of 4"):
+        losses.group_advantages(r, 4)
+
+
+def test_kl_controllers_and_preference_losses_by_hand():
+    ctl = losses.AdaptiveKL(0.1, target=6.0, horizon=10_000)
+    ctl.update(12.0, 256)  # KL twice the target: error clipped to +20 %
+    assert ctl.coef == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))
+    ctl.update(5.4, 1000)  # 10 % under target
+    assert ctl.coef == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000) * (1 - 0.1 * 1000 / 10_000))
+    fixed = losses.FixedKL(0.05)
+    fixed.update(100.0, 10)
+    assert fixed.coef == 0.05
+    loss, stats = losses.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0]))
+    assert float(loss) == pytest.approx(math.log(1 + math.exp(-1))) and stats["accuracy"] == 1.0
+    loss, stats = losses.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
+                                  torch.tensor([-1.5]), beta=0.1)
+    assert float(loss) == pytest.approx(math.log(1 + math.exp(-0.1)))
+    assert stats["reward_margin"] == pytest.approx(0.1) and stats["chosen_reward"] == pytest.approx(0.05)
+    ev = losses.explained_variance(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3))
+    assert ev == pytest.approx(1.0)
