@@ -371,7 +371,7 @@ class EvalSection(Section):
 
 class FinetuneSpec(TrainJobSpec):
     kind: Literal["finetune"] = "finetune"
-    task: Literal["classification", "tokens", "qa", "sft"] | None = None  # None: the dataset's task
+    task: Literal["classification", "tokens", "qa", "sft", "preference"] | None = None  # None: the dataset's task
     model: FinetuneModelSection
     data: FinetuneDataSection
     train: FinetuneTrainSection = FinetuneTrainSection(epochs=1.0)

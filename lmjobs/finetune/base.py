@@ -18,8 +18,10 @@ import tempfile
 
 CACHE = pathlib.Path(os.environ.get("LMJOBS_CACHE", pathlib.Path.home() / ".cache" / "lmjobs"))
 HEADS = {"classification": "AutoModelForSequenceClassification", "tokens": "AutoModelForTokenClassification",
-         "qa": "AutoModelForQuestionAnswering", "sft": "AutoModelForCausalLM"}
-PEFT_TASK = {"classification": "SEQ_CLS", "tokens": "TOKEN_CLS", "qa": "QUESTION_ANS", "sft": "CAUSAL_LM"}
+         "qa": "AutoModelForQuestionAnswering", "sft": "AutoModelForCausalLM",
+         "preference": "AutoModelForSequenceClassification"}  # preference: a reward model (one score)
+PEFT_TASK = {"classification": "SEQ_CLS", "tokens": "TOKEN_CLS", "qa": "QUESTION_ANS", "sft": "CAUSAL_LM",
+             "preference": "SEQ_CLS"}
 
 
 def _package_dir(name: str) -> pathlib.Path:
@@ -92,7 +94,7 @@ def load_model(directory: pathlib.Path, task: str, num_labels: int, pad_token_id
     config = transformers.AutoConfig.from_pretrained(directory)
     kwargs = {"attn_implementation": "eager"}
     if task != "sft":
-        kwargs["num_labels"] = num_labels
+        kwargs["num_labels"] = 1 if task == "preference" else num_labels
     if dropout is not None:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "resid_pdrop",
                      "embd_pdrop", "attn_pdrop"):

@@ -15,7 +15,8 @@ from lmjobs import runner
 from lmjobs.plots import confusion, loss_curve, metric_curve
 from lmjobs.pretrain.data import memory_chunks
 
-HEADLINE = {"classification": "val_accuracy", "tokens": "val_f1", "qa": "val_f1", "sft": "val_loss"}
+HEADLINE = {"classification": "val_accuracy", "tokens": "val_f1", "qa": "val_f1", "sft": "val_loss",
+            "preference": "val_accuracy"}
 
 
 class DataError(ValueError):
@@ -42,6 +43,9 @@ def check_rows(rows: list[dict], task: str, labels: list[str] | None, uri: str) 
             unknown = sorted(set(row["tags"]) - known)
             if unknown:
                 raise DataError(f"{where}: tags {unknown} are not in the tag set {sorted(known)}")
+        elif task == "preference":
+            if not row["chosen"].strip() or not row["rejected"].strip():
+                raise DataError(f"{where}: empty chosen or rejected response")
         elif task == "qa":
             for text, start in zip(row["answers"]["text"], row["answers"]["answer_start"]):
                 if row["context"][start:start + len(text)] != text:
@@ -76,6 +80,8 @@ def build_features(task: str, rows: list[dict], tokenizer, labels, data) -> tupl
         feats, windows = features.qa(rows, tokenizer, data.max_seq_len, data.doc_stride)
         return feats, {"windows": windows, "contexts": {r["id"]: r["context"] for r in rows},
                        "answers": {r["id"]: list(r["answers"]["text"]) for r in rows}}
+    if task == "preference":
+        return features.preference(rows, tokenizer, data.max_seq_len), {"rows": rows}
     return features.sft(rows, tokenizer, data.max_seq_len, data.pack), {"prompts": rows}
 
 
@@ -103,7 +109,7 @@ def _prepare_single(spec: FinetuneSpec, extra_rows: list[dict] | None = None) ->
     if spec.adversarial is not None and task == "sft":
         raise DataError(f"adversarial: not for task sft ({directory} holds sft data)")
     if task not in base.HEADS:
-        raise DataError(f"{directory}: {manifest['task']} data cannot be fine-tuned on (it is for RLHF)")
+        raise DataError(f"{directory}: {manifest['task']} data cannot be fine-tuned on")
     labels = manifest.get("labels")
     train_uri, train_rows = _rows(directory, manifest, spec.data.train_split, cfg)
     check_rows(train_rows, task, labels, train_uri)

@@ -140,3 +140,24 @@ def sft(rows: list[dict], tokenizer, max_len: int, pack: bool) -> dict:
     return {"input_ids": _pad([seqs[i] for i in keep], max_len, pad),
             "attention_mask": _mask([seqs[i] for i in keep], max_len),
             "labels": _pad([labs[i] for i in keep], max_len, IGNORE, np.int64)}
+
+
+def preference(rows: list[dict], tokenizer, max_len: int) -> dict:
+    """{prompt, chosen, rejected} -> the chosen text (input_ids, attention_mask) and the rejected
+    one (rejected_input_ids, rejected_attention_mask), each prompt + response with the response's
+    end kept: a long dialogue loses its oldest turns, never the answer being judged."""
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    out = {}
+    for prefix, key in (("", "chosen"), ("rejected_", "rejected")):
+        seqs = []
+        for row in rows:
+            ids = tokenizer(row["prompt"] + row[key], add_special_tokens=False)["input_ids"]
+            ids = ids + ([end] if end is not None else [])
+            if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None and end == tokenizer.sep_token_id:
+                ids = [tokenizer.cls_token_id] + ids  # BERT-style encoders pool at [CLS]
+                seqs.append(ids[:1] + ids[1:][-(max_len - 1):])
+            else:
+                seqs.append(ids[-max_len:])
+        out[f"{prefix}input_ids"] = _pad(seqs, max_len, tokenizer.pad_token_id)
+        out[f"{prefix}attention_mask"] = _mask(seqs, max_len)
+    return out

