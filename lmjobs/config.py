@@ -369,9 +369,16 @@ class EvalSection(Section):
     eval_batch_size: int = Field(32, ge=1)
 
 
+class DpoSection(Section):
+    """Direct preference optimisation: the policy against a frozen copy of its starting weights."""
+
+    beta: float = Field(0.1, gt=0)  # strength of the implicit KL to the reference
+
+
 class FinetuneSpec(TrainJobSpec):
     kind: Literal["finetune"] = "finetune"
-    task: Literal["classification", "tokens", "qa", "sft", "preference"] | None = None  # None: the dataset's task
+    # None: the dataset's task; on preference data, "preference" trains a reward model and "dpo" a policy
+    task: Literal["classification", "tokens", "qa", "sft", "preference", "dpo"] | None = None
     model: FinetuneModelSection
     data: FinetuneDataSection
     train: FinetuneTrainSection = FinetuneTrainSection(epochs=1.0)
@@ -382,6 +389,7 @@ class FinetuneSpec(TrainJobSpec):
     adversarial: AdversarialSection | None = None
     self_training: SelfTrainingSection | None = None
     multitask: MultiTaskSection | None = None  # instead of data.source
+    dpo: DpoSection = DpoSection()  # task dpo
 
     @pydantic.model_validator(mode="after")
     def _steps_or_epochs(self):

@@ -19,9 +19,10 @@ import tempfile
 CACHE = pathlib.Path(os.environ.get("LMJOBS_CACHE", pathlib.Path.home() / ".cache" / "lmjobs"))
 HEADS = {"classification": "AutoModelForSequenceClassification", "tokens": "AutoModelForTokenClassification",
          "qa": "AutoModelForQuestionAnswering", "sft": "AutoModelForCausalLM",
-         "preference": "AutoModelForSequenceClassification"}  # preference: a reward model (one score)
+         "preference": "AutoModelForSequenceClassification",  # preference: a reward model (one score)
+         "dpo": "AutoModelForCausalLM"}
 PEFT_TASK = {"classification": "SEQ_CLS", "tokens": "TOKEN_CLS", "qa": "QUESTION_ANS", "sft": "CAUSAL_LM",
-             "preference": "SEQ_CLS"}
+             "preference": "SEQ_CLS", "dpo": "CAUSAL_LM"}
 
 
 def _package_dir(name: str) -> pathlib.Path:
@@ -93,7 +94,7 @@ def load_model(directory: pathlib.Path, task: str, num_labels: int, pad_token_id
     torch.manual_seed(seed)
     config = transformers.AutoConfig.from_pretrained(directory)
     kwargs = {"attn_implementation": "eager"}
-    if task != "sft":
+    if task not in ("sft", "dpo"):
         kwargs["num_labels"] = 1 if task == "preference" else num_labels
     if dropout is not None:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "resid_pdrop",

@@ -16,7 +16,7 @@ from lmjobs.plots import confusion, loss_curve, metric_curve
 from lmjobs.pretrain.data import memory_chunks
 
 HEADLINE = {"classification": "val_accuracy", "tokens": "val_f1", "qa": "val_f1", "sft": "val_loss",
-            "preference": "val_accuracy"}
+            "preference": "val_accuracy", "dpo": "val_reward_margin"}
 
 
 class DataError(ValueError):
@@ -43,7 +43,7 @@ def check_rows(rows: list[dict], task: str, labels: list[str] | None, uri: str) 
             unknown = sorted(set(row["tags"]) - known)
             if unknown:
                 raise DataError(f"{where}: tags {unknown} are not in the tag set {sorted(known)}")
-        elif task == "preference":
+        elif task in ("preference", "dpo"):
             if not row["chosen"].strip() or not row["rejected"].strip():
                 raise DataError(f"{where}: empty chosen or rejected response")
         elif task == "qa":
@@ -82,6 +82,8 @@ def build_features(task: str, rows: list[dict], tokenizer, labels, data) -> tupl
                        "answers": {r["id"]: list(r["answers"]["text"]) for r in rows}}
     if task == "preference":
         return features.preference(rows, tokenizer, data.max_seq_len), {"rows": rows}
+    if task == "dpo":
+        return features.dpo(rows, tokenizer, data.max_seq_len), {"rows": rows}
     return features.sft(rows, tokenizer, data.max_seq_len, data.pack), {"prompts": rows}
 
 
@@ -102,6 +104,8 @@ def _prepare_single(spec: FinetuneSpec, extra_rows: list[dict] | None = None) ->
     cfg = spec.output.storage
     directory, manifest = read_manifest(spec.data.source, cfg)
     task = "classification" if manifest["task"] == "pair_classification" else manifest["task"]
+    if spec.task == "dpo" and task == "preference":
+        task = "dpo"  # the same pairs, training a policy instead of a reward model
     if spec.task is not None and spec.task != task:
         raise DataError(f"task is {spec.task} but {directory} holds {manifest['task']} data")
     if spec.self_training is not None and task != "classification":

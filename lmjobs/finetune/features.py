@@ -161,3 +161,24 @@ def preference(rows: list[dict], tokenizer, max_len: int) -> dict:
         out[f"{prefix}input_ids"] = _pad(seqs, max_len, tokenizer.pad_token_id)
         out[f"{prefix}attention_mask"] = _mask(seqs, max_len)
     return out
+
+
+def dpo(rows: list[dict], tokenizer, max_len: int) -> dict:
+    """{prompt, chosen, rejected} -> for each response: prompt + response + EOS with labels on the
+    response only (input_ids, attention_mask, labels and rejected_*).  A prompt too long for
+    max_len loses its oldest tokens; the response keeps its beginning."""
+    end = tokenizer.eos_token_id
+    out = {}
+    for prefix, key in (("", "chosen"), ("rejected_", "rejected")):
+        seqs, labs = [], []
+        for row in rows:
+            prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+            response = tokenizer(row[key], add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
+            response = response[:max_len - 1]
+            prompt = prompt[-(max_len - len(response)):]
+            seqs.append(prompt + response)
+            labs.append([IGNORE] * len(prompt) + response)
+        out[f"{prefix}input_ids"] = _pad(seqs, max_len, tokenizer.pad_token_id)
+        out[f"{prefix}attention_mask"] = _mask(seqs, max_len)
+        out[f"{prefix}labels"] = _pad(labs, max_len, IGNORE, np.int64)
+    return out

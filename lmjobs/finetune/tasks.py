@@ -25,7 +25,7 @@ from lmjobs.trainer import num_params_m, world_size
 from lmjobs.models import num_params
 
 FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions", "task_ids",
-            "rejected_input_ids", "rejected_attention_mask")
+            "rejected_input_ids", "rejected_attention_mask", "rejected_labels")
 PROBE_TEXT = ("Who wrote the play?", "The play was written by William Shakespeare in London.")
 
 
@@ -59,9 +59,10 @@ def _attacked(strategy, inputs: dict, attack) -> object:
         module.train()
 
 
-def predict(strategy, features: dict[str, np.ndarray], batch_size: int, collect, attack=None) -> list:
+def predict(strategy, features: dict[str, np.ndarray], batch_size: int, collect, attack=None, forward=None) -> list:
     """collect(outputs, inputs) -> one value per row of the batch; returns every row's value, in
-    row order, on every rank.  attack: score perturbed inputs instead (an AdversarialSection)."""
+    row order, on every rank.  attack: score perturbed inputs instead (an AdversarialSection);
+    forward(inputs) -> outputs: the task's own evaluation forward (default strategy.forward_eval)."""
     n = len(features["input_ids"])
     rank, world = _rank(), world_size()
     mine = np.arange(rank, n, world)
@@ -71,7 +72,10 @@ def predict(strategy, features: dict[str, np.ndarray], batch_size: int, collect,
     for lo in range(0, per_rank, batch_size):
         rows = padded[lo:lo + batch_size]
         inputs = to_inputs({k: v[rows] for k, v in features.items()})
-        outputs = _attacked(strategy, inputs, attack) if attack is not None else strategy.forward_eval(inputs)
+        if attack is not None:
+            outputs = _attacked(strategy, inputs, attack)
+        else:
+            outputs = forward(inputs) if forward else strategy.forward_eval(inputs)
         values += collect(outputs, inputs)
     pairs = list(zip(mine.tolist(), values[:len(mine)]))
     gathered = [pairs]
@@ -387,8 +391,81 @@ class Preference(FinetuneTask):
         return figures, {"pairs": len(margin), "examples": examples}
 
 
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's labelled tokens ([batch]); labels are the input ids with
+    IGNORE off the response (position t's logits predict token t + 1)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    mask = labels != IGNORE
+    picked = torch.gather(torch.log_softmax(logits, -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(1)
+
+
+class DPO(FinetuneTask):
+    """Direct preference optimisation: the policy's log-probability margin between the chosen and
+    the rejected response, against the same margin under a frozen copy of the starting weights
+    (the reference, held beside the policy in each worker)."""
+
+    headline = "reward_margin"
+
+    def build_model(self) -> torch.nn.Module:
+        model = super().build_model()
+        reference = base.load_model(self.base_dir, "dpo", 0, self.tokenizer.pad_token_id, self.spec.train.seed)
+        self.reference = reference.eval().requires_grad_(False)
+        return model
+
+    def _pair(self, module, inputs: dict) -> torch.Tensor:
+        ids = torch.cat([inputs["input_ids"], inputs["rejected_input_ids"]])
+        mask = torch.cat([inputs["attention_mask"], inputs["rejected_attention_mask"]])
+        labels = torch.cat([inputs["labels"], inputs["rejected_labels"]])
+        return sequence_logps(module(input_ids=ids, attention_mask=mask).logits, labels)
+
+    def forward(self, engine, inputs: dict):
+        self.reference.to(inputs["input_ids"].device)
+        with torch.no_grad():
+            reference = self._pair(self.reference, inputs)
+        return {"policy": self._pair(engine, inputs), "reference": reference}
+
+    def loss(self, outputs, inputs):
+        from lmjobs.rlhf.losses import dpo_loss
+
+        n = inputs["input_ids"].shape[0]
+        policy, reference = outputs["policy"], outputs["reference"]
+        return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.spec.dpo.beta)
+
+    def tokens(self, inputs: dict) -> int:
+        return int(inputs["attention_mask"].sum() + inputs["rejected_attention_mask"].sum()) * self.spec.scaling.num_workers
+
+    def log_line(self, metrics_: dict, evaluated: bool) -> str:
+        held = f" val dpo loss {metrics_['val_loss']:.4f} margin {metrics_['val_reward_margin']:.4f}" if evaluated else ""
+        return f"loss {metrics_['loss']:.4f}{held}"
+
+    def scores(self, strategy, val):
+        from lmjobs.rlhf.losses import dpo_loss
+
+        def forward(inputs):
+            module = strategy.engine.module
+            module.eval()
+            try:
+                with torch.no_grad():
+                    inputs = {k: v.to(strategy.device) for k, v in inputs.items()}
+                    self.reference.to(strategy.device)
+                    return self._pair(strategy.engine, inputs), self._pair(self.reference, inputs)
+            finally:
+                module.train()
+
+        def collect(outputs, inputs):
+            policy, reference = (x.float().cpu().tolist() for x in outputs)
+            n = len(policy) // 2
+            return [(policy[i], policy[n + i], reference[i], reference[n + i]) for i in range(n)]
+
+        rows = torch.tensor(predict(strategy, val["features"], self.spec.eval.eval_batch_size, collect,
+                                    forward=forward), dtype=torch.float64)
+        loss, figures = dpo_loss(rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], self.spec.dpo.beta)
+        return {"loss": float(loss), **figures}, {"pairs": len(rows)}
+
+
 TASK_CLASSES = {"classification": Classification, "tokens": Tokens, "qa": QuestionAnswering, "sft": SFT,
-                "multitask": MultiTask, "preference": Preference}
+                "multitask": MultiTask, "preference": Preference, "dpo": DPO}
 
 
 def build(spec: FinetuneSpec, info: dict, base_dir: str, run_dir: str) -> FinetuneTask:

