@@ -25,7 +25,7 @@ def tables(record: dict) -> list[str]:
     if ppl_sets:
         lines += ["## Perplexity", "", "| model | step | " + " | ".join(f"{s} ppl (nll, tokens)" for s in ppl_sets) + " |",
                   "|---|---|" + "---|" * len(ppl_sets)]
-        for m in models:
+        for m in (m for m in models if results[m]["perplexity"]):
             cells = []
             for s in ppl_sets:
                 p = results[m]["perplexity"].get(s)
