@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
     searched = tune(campaign)
     evaluation = _evaluation(out["run_dir"], data["dir"], args.out, spec, args.eval_overrides)
+    tasks = "".join(f", {t.task} with k = {', '.join(map(str, t.shots))}" for t in evaluation.icl)
     print(f"== stage 6/6: evaluation ({', '.join(e.name for e in evaluation.models)}: perplexity across checkpoints, "
-          f"samples, {evaluation.icl[0].task} with k = {', '.join(map(str, evaluation.icl[0].shots))})", flush=True)
+          f"samples{tasks})", flush=True)
     from lmjobs.evaluate.driver import run as evaluate
 
     evaluated = evaluate(evaluation)

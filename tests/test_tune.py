@@ -288,7 +288,9 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, keyword_t
             assert m["lr"] == pytest.approx(attempt["params"]["optim.lr"] * schedule(m["step"]), rel=1e-6)
         # it trained on from the donor's step to the end (logged at each report, every 8 steps)
         assert [m["step"] for m in after] == list(range(step + 8, planned + 1, 8))
-        assert all(m["start_step"] == step for m in after)
+        # from the donor's step; PBT may pause and resume the trial later, each resume from this run's
+        # own newer checkpoint
+        assert after[0]["start_step"] == step and all(step <= m["start_step"] < m["step"] for m in after)
     assert out["best"] is not None and (pathlib.Path(out["best"]["dir"]) / "model.safetensors").exists()
 
 
