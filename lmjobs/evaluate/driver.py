@@ -25,6 +25,7 @@ CAUSAL = "AutoModelForCausalLM"
 HEAD_OF = {"ForSequenceClassification": "AutoModelForSequenceClassification",
            "ForTokenClassification": "AutoModelForTokenClassification",
            "ForQuestionAnswering": "AutoModelForQuestionAnswering", "LMHeadModel": CAUSAL, "ForCausalLM": CAUSAL}
+DEFAULT_WINDOW = 1024  # perplexity windows when the spec gives none: long-context models' full 8k+ costs memory
 TASK_OF_HEAD = {"AutoModelForSequenceClassification": ("classification", "pair_classification"),
                 "AutoModelForTokenClassification": ("tokens",), "AutoModelForQuestionAnswering": ("qa",)}
 
@@ -205,7 +206,7 @@ def perplexity_requests(spec: EvalSpec, tok, model: Model) -> tuple[list[dict], 
             source = {"kind": "text", "texts": len(texts)}
         if not seqs or not any(len(s) > 1 for s in seqs):
             raise ValueError(f"perplexity {section.name}: {section.path} holds no text to score")
-        window = min(section.window or model.max_positions, model.max_positions)
+        window = min(section.window or DEFAULT_WINDOW, model.max_positions)
         stride = section.stride or max(window // 2, 1)
         items, budget = [], section.max_tokens
         for s in seqs:

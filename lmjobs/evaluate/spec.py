@@ -111,7 +111,7 @@ class PerplexitySection(Section):
     whole_file: bool = False  # txt: the file is one text (e.g. a book) instead of paragraphs
     max_texts: int | None = Field(None, ge=1)  # the first N texts (or packed sequences)
     max_tokens: int | None = Field(None, ge=1)  # stop after this many scored tokens
-    window: int | None = Field(None, ge=8)  # tokens a forward pass sees (default: the model's context)
+    window: int | None = Field(None, ge=8)  # tokens a forward pass sees (default: 1024, at most the model's context)
     stride: int | None = Field(None, ge=1)  # new tokens scored per window after the first (default: window / 2)
 
     @pydantic.model_validator(mode="after")
