@@ -272,6 +272,9 @@ def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str)
             raise _Bad("prompt", f"no shared prefix ending in {delimiter!r}; map a prompt field")
         cut += len(delimiter)
         prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise _Bad(name, "empty response after the prompt")
     if chosen.strip() == rejected.strip():
         raise _Bad("rejected", "identical to chosen")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}

@@ -66,6 +66,11 @@ def test_conll_qa_sft_preference_real(tmp_path):
     pairs = _rows(hh, "train")
     assert len(pairs) > 4600 and all(p["prompt"].endswith("\n\nAssistant:") for p in pairs[:100])
     assert all(p["chosen"] != p["rejected"] for p in pairs[:100])
+    # a pair whose response is empty once the shared dialogue is cut off is rejected, not trained on
+    assert all(p["chosen"].strip() and p["rejected"].strip() for p in pairs)
+    assert hh["read"] == len(pairs) + hh["rejected"]
+    reasons = [json.loads(x)["reason"] for x in pathlib.Path(hh["dir"], "rejects.jsonl").read_text().splitlines()]
+    assert any("empty response after the prompt" in r for r in reasons), reasons
 
 
 def _spec(tmp_path, task, inputs, **over):
