@@ -141,8 +141,8 @@ class AdaptiveKL(FixedKL):
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Reward-model loss on preference pairs: -log sigmoid(r_chosen - r_rejected)."""
     margin = chosen - rejected
-    return -F.logsigmoid(margin).mean(), {"accuracy": float((margin > 0).float().mean()),
-                                          "margin": float(margin.mean())}
+    seen = margin.detach()
+    return -F.logsigmoid(margin).mean(), {"accuracy": float((seen > 0).float().mean()), "margin": float(seen.mean())}
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -152,10 +152,11 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     chosen_reward = beta * (policy_chosen - ref_chosen)
     rejected_reward = beta * (policy_rejected - ref_rejected)
     margin = chosen_reward - rejected_reward
-    return -F.logsigmoid(margin).mean(), {"reward_margin": float(margin.mean()),
-                                          "reward_accuracy": float((margin > 0).float().mean()),
-                                          "chosen_reward": float(chosen_reward.mean()),
-                                          "rejected_reward": float(rejected_reward.mean())}
+    seen = margin.detach()
+    return -F.logsigmoid(margin).mean(), {"reward_margin": float(seen.mean()),
+                                          "reward_accuracy": float((seen > 0).float().mean()),
+                                          "chosen_reward": float(chosen_reward.detach().mean()),
+                                          "rejected_reward": float(rejected_reward.detach().mean())}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
