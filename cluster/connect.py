@@ -58,6 +58,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         return {"address": current, "embedded": False}
     common = dict(logging_level=logging.WARNING, log_to_driver=True)
     if target:
+        if not target.startswith("ray://"):
+            # the job's processes name their cluster: Ray Train's PlacementGroupCleaner asks the State
+            # API, which otherwise refuses to pick when this machine runs more than one Ray instance,
+            # and a dead trial's placement group is then never removed
+            env = {"RAY_ADDRESS": target, **((runtime_env or {}).get("env_vars") or {})}
+            runtime_env = {**(runtime_env or {}), "env_vars": env}
         ray.init(address=target, runtime_env=runtime_env, **common)
         _joined = target
         return {"address": target, "embedded": False}
