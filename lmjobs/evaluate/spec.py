@@ -22,7 +22,6 @@ from cluster.spec import JobSpec, Section, _describe, read_yaml
 from cluster.storage import StorageConfig
 
 TASKS_DIR = pathlib.Path(__file__).parent / "tasks"
-FORMATS = ("csv", "tsv", "json", "jsonl", "squad")
 
 
 class TaskData(Section):
