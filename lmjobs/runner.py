@@ -26,6 +26,7 @@ from cluster.connect import connect, is_embedded
 from cluster.spec import JobSpec, resolved_dict
 from lmjobs.config import DataIngestSpec, DataPrepareSpec, FinetuneSpec, LabelSpec, PretrainSpec, TrainJobSpec
 from lmjobs.evaluate.spec import EvalSpec
+from lmjobs.rlhf.spec import RlhfSpec
 from lmjobs.tune.spec import TuneSpec
 
 DATA_CPUS = 0.5  # kept free on a fixed-size cluster for Ray Data's read tasks
@@ -398,6 +399,10 @@ register(JobKind("tune", TuneSpec, ("tune",),
                  "a hyperparameter campaign over a fine-tune (Ray Tune: searcher, scheduler, budgets, resume); "
                  "`lmjobs tune report DIR` writes its report again",
                  run="lmjobs.tune.driver:run", summary="lmjobs.tune.driver:summary", address_field="address"))
+register(JobKind("rlhf", RlhfSpec, ("rlhf",),
+                 "online RL from a reward on Ray actors: GRPO, RLOO or PPO (policy, reference, critic, reward, "
+                 "rollout roles); resumes from its checkpoints",
+                 run="lmjobs.rlhf.driver:run", summary="lmjobs.rlhf.driver:summary", address_field="address"))
 register(JobKind("eval", EvalSpec, ("eval",),
                  "evaluate models: perplexity, zero/few-shot in-context tasks, task metrics, samples (Ray Data actor pool)",
                  run="lmjobs.evaluate.driver:run", summary="lmjobs.evaluate.driver:summary", address_field="address"))

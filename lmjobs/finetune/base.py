@@ -86,14 +86,15 @@ def tokenizer(directory: pathlib.Path):
 
 
 def load_model(directory: pathlib.Path, task: str, num_labels: int, pad_token_id: int, seed: int,
-               dropout: float | None = None):
-    """The base weights with the task's head (a new head is seeded: identical on every worker)."""
+               dropout: float | None = None, attention: str = "eager"):
+    """The base weights with the task's head (a new head is seeded: identical on every worker).
+    task may also be a head class name of transformers (e.g. "AutoModelForTokenClassification")."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     config = transformers.AutoConfig.from_pretrained(directory)
-    kwargs = {"attn_implementation": "eager"}
+    kwargs = {"attn_implementation": attention}
     if task not in ("sft", "dpo"):
         kwargs["num_labels"] = 1 if task == "preference" else num_labels
     if dropout is not None:
@@ -103,7 +104,7 @@ def load_model(directory: pathlib.Path, task: str, num_labels: int, pad_token_id
                 kwargs[name] = dropout
     if getattr(config, "pad_token_id", None) is None:
         kwargs["pad_token_id"] = pad_token_id
-    head = getattr(transformers, HEADS[task])
+    head = getattr(transformers, HEADS.get(task, task))
     return head.from_pretrained(directory, **kwargs)
 
 

@@ -1,0 +1,444 @@
+"""`lmjobs rlhf SPEC.yaml`: the controller.  Each step reads as numbered phases:
+
+  1 generate    rollout workers sample `group_size` completions of each prompt (KV cache)
+  2 score       reward actors: functions, reward model, remote scorer
+  3 reference   reference log-probs; PPO: old policy log-probs and critic values
+  4 advantages  GRPO / RLOO group baselines, or PPO's KL-shaped rewards and GAE
+  5 train       PPO-clip updates of the policy (and the critic) through the DeepSpeed strategy
+  6 sync        the policy's trainable tensors to every rollout worker through the object store
+  7 log         metrics.jsonl, TensorBoard, samples; a checkpoint every `train.checkpoint_every`
+
+`ray.get` happens only at phase boundaries.  A rollout or reward actor that dies is restarted
+and its share of the phase asked again (a restarted rollout worker first gets the weights); the
+policy, critic and controller state are checkpointed, and running the command again resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import shutil
+import time
+
+import yaml
+
+from cluster import storage
+from cluster.spec import resolved_dict
+from lmjobs.rlhf.spec import RlhfSpec
+
+CHECKPOINTS = "checkpoints"
+# what a resumed run must share with the run that wrote the checkpoint
+SAME_ON_RESUME = ("algorithm", "policy", "critic.model", "data", "train.seed", "train.prompts_per_step",
+                  "train.group_size", "deepspeed", "ppo.minibatch_size")
+
+
+def load_prompts(source: str) -> list[str]:
+    """Prompts from a .txt (one a line), .jsonl / .parquet with a `prompt` field, or an ingested
+    dataset's train split."""
+    path = pathlib.Path(source).expanduser()
+    if path.is_dir() or path.name == "manifest.json":
+        from data_pipelines.labelled import read_manifest, read_split
+
+        directory, manifest = read_manifest(str(path))
+        table = read_split(directory, manifest, "train")[1]
+        records = table.to_pylist()
+    elif path.suffix == ".txt":
+        records = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".jsonl":
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(f"data.prompts: {source}: give a .txt, .jsonl or .parquet file or an ingested dataset")
+    prompts = [r.get("prompt") for r in records]
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ValueError(f"data.prompts: {source}: record {bad[0]} has no `prompt` text ({len(bad)} such records)")
+    if not prompts:
+        raise ValueError(f"data.prompts: {source}: no prompts")
+    return prompts
+
+
+def prompt_indices(step: int, per_step: int, num: int, seed: int, shuffle: bool) -> list[int]:
+    """The prompts of controller step `step` (1-based): consecutive positions in a stream of
+    passes over the prompts, each pass in its own seeded order.  Resuming at a step needs no state."""
+    out = []
+    for position in range((step - 1) * per_step, step * per_step):
+        epoch, offset = divmod(position, num)
+        order = list(range(num))
+        if shuffle:
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def split(items: list, parts: int) -> list[list]:
+    """Consecutive, near-equal shares (the first ones one longer)."""
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def run_dir_of(spec: RlhfSpec) -> pathlib.Path:
+    if storage.is_remote(spec.output.root):
+        raise ValueError("output.root: rlhf runs write checkpoints from their actors to a local (or shared) "
+                         f"directory; {spec.output.root} is object storage")
+    return pathlib.Path(spec.output.root).expanduser().resolve() / spec.name
+
+
+def latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path | None:
+    """The newest complete checkpoint (a directory is renamed into place only once whole)."""
+    root = run_dir / CHECKPOINTS
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "controller.json").exists()) \
+        if root.exists() else []
+    return done[-1] if done else None
+
+
+def _field(data: dict, dotted: str):
+    for key in dotted.split("."):
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def check_same_run(saved: dict, spec: RlhfSpec, where: pathlib.Path) -> None:
+    now = resolved_dict(spec)
+    for field in SAME_ON_RESUME:
+        if _field(saved, field) != _field(now, field):
+            raise ValueError(f"{field}: {where} holds a checkpoint of a run with {field} = "
+                             f"{json.dumps(_field(saved, field))}, but the spec says {json.dumps(_field(now, field))}; "
+                             f"give the run another name, or remove {where.parent.parent} to start over")
+
+
+class Controller:
+    def __init__(self, spec: RlhfSpec, progress=print):
+        from lmjobs.rlhf.rewards import absolute, load_function
+
+        self.spec, self.progress = spec, progress
+        self.run_dir = run_dir_of(spec)
+        self.prompts = load_prompts(spec.data.prompts)
+        self.reward_section = absolute(spec.reward)
+        for f in self.reward_section.functions:  # fail on a wrong path before any cluster work
+            load_function(f.path)
+        self.resume_from = latest_checkpoint(self.run_dir)
+        if self.resume_from is not None:
+            saved = json.loads((self.resume_from / "controller.json").read_text())
+            check_same_run(saved["config"], spec, self.resume_from)
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        import ray
+
+        from lmjobs import runner
+        from lmjobs.rlhf import actors
+        from lmjobs.rlhf.losses import AdaptiveKL, FixedKL
+        from lmjobs.rlhf.rewards import RunningMoments
+
+        spec = self.spec
+        joined = runner.join_cluster(spec.address, spec.embedded_num_cpus)
+        self.cores = spec.threads or max(1, int(ray.cluster_resources().get("CPU", 1)) if joined["embedded"]
+                                         else os.cpu_count() or 1)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_dict(spec), sort_keys=False))
+        data = resolved_dict(spec)
+        log = self.progress
+        t0 = time.perf_counter()
+        self.policy = actors.ActorGroup("policy", actors.PolicyActor, 1, lambda i: (data,),
+                                        {"CPU": spec.policy.cpus, "GPU": spec.policy.gpus}, log=log)
+        self.reference = None
+        if spec.kl.coef > 0 and not spec.reference.colocate:
+            self.reference = actors.ActorGroup("reference", actors.ReferenceActor, 1, lambda i: (data,),
+                                               {"CPU": spec.reference.cpus, "GPU": spec.reference.gpus}, log=log)
+        self.critic = None
+        if spec.algorithm == "ppo":
+            self.critic = actors.ActorGroup("critic", actors.CriticActor, 1, lambda i: (data,),
+                                            {"CPU": spec.critic.cpus, "GPU": spec.critic.gpus}, log=log)
+        reward_data = self.reward_section.model_dump(mode="json")
+        self.reward = actors.ActorGroup("reward", actors.RewardActor, spec.reward.num_actors, lambda i: (reward_data,),
+                                        {"CPU": spec.reward.cpus}, spec.reward.max_restarts, log=log)
+        self.rollout = actors.ActorGroup("rollout", actors.RolloutActor, spec.rollout.num_workers,
+                                         lambda i: (data, i), {"CPU": spec.rollout.cpus_per_worker,
+                                                               "GPU": spec.rollout.gpus_per_worker},
+                                         spec.rollout.max_restarts, log=log)
+        self.info = self.policy.call("info", [()])[0]
+        self.precision = self.info["precision"]
+        self.kl = (AdaptiveKL(spec.kl.coef, spec.kl.target, spec.kl.horizon) if spec.kl.controller == "adaptive"
+                   else FixedKL(spec.kl.coef))
+        self.moments = RunningMoments()
+        self.step = 0
+        if self.resume_from is not None:
+            saved = json.loads((self.resume_from / "controller.json").read_text())
+            self.policy.call("load", [(str(self.resume_from / "policy"),)])
+            if self.critic is not None:
+                self.critic.call("load", [(str(self.resume_from / "critic"),)])
+            self.kl.load_state_dict(saved["kl"])
+            self.moments.load_state_dict(saved["moments"])
+            self.step = saved["step"]
+        self.setup_s = time.perf_counter() - t0
+        self.weights, self.weight_bytes = None, 0
+        self.sync()  # rollout workers start from the policy's weights (a resumed run's, too)
+        where = f"resumed from {self.resume_from.name}" if self.resume_from else "from the start"
+        progress_line = (f"[rlhf] {spec.algorithm} on {joined['address']} ({'embedded' if joined['embedded'] else 'joined'}): "
+                         f"policy {self.info['params'] / 1e6:.1f}M params ({self.info['trainable'] / 1e6:.2f}M trained, "
+                         f"{self.precision}), {len(self.rollout)} rollout workers, {len(self.reward)} reward actor(s), "
+                         f"{'colocated ' if spec.reference.colocate else ''}reference"
+                         f"{', critic' if self.critic else ''}; {where}; setup {self.setup_s:.0f} s")
+        self.progress(progress_line)
+
+    # -- the phases -----------------------------------------------------------------------------
+
+    def sync(self) -> dict:
+        """Phase 6: the policy's trainable tensors, bucketed into the object store, to every rollout worker."""
+        t0 = time.perf_counter()
+        self.weights, self.weight_bytes = self.policy.call("weights", [(self.spec.train.weight_bucket_mb,)])[0]
+        put_s = time.perf_counter() - t0
+        self.rollout.call("load_weights", [(self.weights, self.step)] * len(self.rollout), what=" loading weights")
+        return {"sync_s": time.perf_counter() - t0, "sync_put_s": put_s, "sync_mb": self.weight_bytes / 2 ** 20}
+
+    def _reload(self, i: int) -> None:
+        import ray
+
+        ray.get(self.rollout.actors[i].load_weights.remote(self.weights, self.step))
+
+    def generate(self, step: int) -> dict:
+        """Phase 1."""
+        spec = self.spec
+        indices = prompt_indices(step, spec.train.prompts_per_step, len(self.prompts), spec.train.seed,
+                                 spec.data.shuffle)
+        shares = [s for s in split(indices, len(self.rollout)) if s]
+        threads = spec.threads or max(1, self.cores // len(shares))
+        args = [([self.prompts[j] for j in share], spec.train.group_size, spec.train.seed * 1_000_003 + step * 1009 + i,
+                 self.precision, threads) for i, share in enumerate(shares)]
+        # fewer shares than workers: only the first ones work this step
+        outs = self.rollout.call("generate", args, on_restart=self._reload, what=f" at step {step}")
+        for i, out in enumerate(outs):
+            if out["version"] != self.step:  # restarted between calls: it sampled from its initial weights
+                self.progress(f"[rlhf] rollout actor {i} came back from a restart with stale weights at step {step}; "
+                              "sending the policy's weights and sampling its share again")
+                self.rollout.restarts += 1
+                self._reload(i)
+                outs[i] = self.rollout.call("generate", [args[i]], self._reload, f" at step {step}", indices=[i])[0]
+        prompts = [self.prompts[j] for share in shares for j in share for _ in range(spec.train.group_size)]
+        return {"prompts": prompts, "prompt_ids": [r for o in outs for r in o["prompt_ids"]],
+                "completion_ids": [r for o in outs for r in o["completion_ids"]],
+                "texts": [t for o in outs for t in o["texts"]], "versions": [o["version"] for o in outs]}
+
+    def score(self, rollout: dict, step: int) -> tuple[list[float], dict]:
+        """Phase 2: raw scores, then normalised and clipped as the spec says."""
+        n = len(self.reward)
+        shares = split(list(range(len(rollout["texts"]))), n)
+        args = [([rollout["prompts"][i] for i in s], [rollout["texts"][i] for i in s], 1) for s in shares]
+        outs = self.reward.call("score", args, what=f" at step {step}")
+        raw = [v for o in outs for v in o["total"]]
+        parts: dict[str, list[float]] = {}
+        for o in outs:
+            for key, values in o["parts"].items():
+                parts.setdefault(key, []).extend(values)
+        scores = list(raw)
+        if self.spec.reward.normalize:
+            self.moments.update(raw)
+            scores = [(v - self.moments.mean) / max(self.moments.std, 1e-6) for v in scores]
+        if self.spec.reward.clip:
+            c = self.spec.reward.clip
+            scores = [max(-c, min(c, v)) for v in scores]
+        return scores, {"raw": raw, "parts": parts}
+
+    def step_once(self, step: int) -> dict:
+        import ray
+        import torch
+
+        from lmjobs.rlhf import losses
+        from lmjobs.rlhf.sequences import collate
+
+        spec, timings = self.spec, {}
+        t_step = t = time.perf_counter()
+        rollout = self.generate(step)
+        timings["generate_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        scores, scored = self.score(rollout, step)
+        timings["score_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        pad = 0  # masked out everywhere; any id will do
+        batch = collate(rollout["prompt_ids"], rollout["completion_ids"], pad)
+        batch_ref = ray.put(batch)
+        half = max(1, self.cores // 2)
+        coef = self.kl.coef
+        ref_ref = old_ref = values_ref = None
+        if coef > 0:
+            ref_ref = (self.policy.async_call("reference_logprobs", [(batch_ref, half)])[0] if spec.reference.colocate
+                       else self.reference.async_call("logprobs", [(batch_ref, self.precision, half)])[0])
+        needs_old = spec.algorithm == "ppo" or spec.ppo.epochs > 1 or (spec.ppo.minibatch_size or 10**9) < len(scores)
+        if needs_old:
+            old_ref = self.policy.async_call("logprobs", [(batch_ref, half)])[0]
+        if self.critic is not None:
+            values_ref = self.critic.async_call("values", [(batch_ref, half)])[0]
+        ref_logp = ray.get(ref_ref) if ref_ref is not None else None
+        old_logp = ray.get(old_ref) if old_ref is not None else None
+        values = ray.get(values_ref) if values_ref is not None else None
+        timings["reference_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        mask = batch["completion_mask"]
+        score_t = torch.tensor(scores, dtype=torch.float32)
+        figures: dict = {}
+        if spec.algorithm in ("grpo", "rloo"):
+            adv = losses.group_advantages(score_t, spec.train.group_size, spec.algorithm)
+            advantages = adv[:, None].expand_as(mask) * mask
+        else:
+            per_token_kl = losses.kl_penalty(old_logp, ref_logp, "k1") if ref_logp is not None else torch.zeros_like(mask)
+            rewards = torch.zeros_like(mask)
+            if spec.kl_where == "reward":
+                rewards = -coef * per_token_kl * mask
+            last = (mask.sum(1).long() - 1).clamp(min=0)
+            rewards[torch.arange(len(scores)), last] += score_t
+            advantages, returns = losses.gae(rewards, values, mask, spec.ppo.gamma, spec.ppo.lam)
+            if spec.ppo.whiten_advantages:
+                advantages = losses.whiten(advantages, mask)
+            figures["explained_variance"] = losses.explained_variance(values, returns, mask)
+            figures["value_mean"] = float(losses.masked_mean(values, mask))
+        train_batch = {**batch, "advantages": advantages}
+        if old_logp is not None:
+            train_batch["old_logprobs"] = old_logp
+        if ref_logp is not None:
+            train_batch["ref_logprobs"] = ref_logp
+            base = old_logp if old_logp is not None else None
+            if base is not None:
+                figures["kl"] = float(losses.masked_mean(losses.kl_penalty(base, ref_logp, spec.kl.estimator), mask))
+        timings["advantages_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        train_ref = ray.put(train_batch)
+        policy_threads = self.cores if self.critic is None else half
+        refs = self.policy.async_call("train", [(train_ref, step, coef, policy_threads)])
+        if self.critic is not None:
+            critic_batch = {**batch, "old_values": values, "returns": returns}
+            refs += self.critic.async_call("train", [(ray.put(critic_batch), step, half)])
+        results = ray.get(refs)
+        figures.update(results[0])
+        if len(results) > 1:
+            figures.update(results[1])
+        if "kl" not in figures and "kl_loss" in figures:
+            figures["kl"] = figures["kl_loss"]  # GRPO: measured in the update, before it moved the policy
+        timings["train_s"] = time.perf_counter() - t
+
+        self.step = step
+        timings.update(self.sync())
+        timings["step_s"] = time.perf_counter() - t_step
+        self.kl.update(figures.get("kl", 0.0), len(scores))
+
+        lengths = mask.sum(1)
+        raw = torch.tensor(scored["raw"])
+        out = {"step": step, "reward_mean": float(raw.mean()), "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
+               "score_mean": float(score_t.mean()),
+               **{f"reward_{k}": sum(v) / len(v) for k, v in scored["parts"].items()},
+               "kl_coef": coef, **figures, "response_length": float(lengths.float().mean()),
+               "completions": len(scores), "tokens": int(lengths.sum()),
+               "completions_per_s": len(scores) / timings["step_s"],
+               "tokens_per_s": float(lengths.sum()) / timings["step_s"],
+               "rollout_restarts": self.rollout.restarts, "reward_restarts": self.reward.restarts,
+               **{k: round(v, 4) for k, v in timings.items()}}
+        samples = [{"step": step, "prompt": rollout["prompts"][i], "completion": rollout["texts"][i],
+                    "reward": scored["raw"][i]} for i in range(min(spec.train.log_samples, len(scores)))]
+        return out, samples
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def checkpoint(self) -> pathlib.Path:
+        final = self.run_dir / CHECKPOINTS / f"step_{self.step:06d}"
+        partial = final.with_name(final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        refs = self.policy.async_call("save", [(str(partial / "policy"), {"step": self.step})])
+        if self.critic is not None:
+            refs += self.critic.async_call("save", [(str(partial / "critic"), {"step": self.step})])
+        import ray
+
+        ray.get(refs)
+        state = {"step": self.step, "kl": self.kl.state_dict(), "moments": self.moments.state_dict(),
+                 "config": resolved_dict(self.spec)}
+        (partial / "controller.json").write_text(json.dumps(state, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)  # complete or absent
+        kept = sorted(p for p in final.parent.glob("step_*") if not p.name.endswith(".partial"))
+        for old in kept[:-self.spec.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def _history(path: pathlib.Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [m for m in lines if m["step"] <= upto]
+
+
+def _rewrite(path: pathlib.Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _line(spec: RlhfSpec, m: dict) -> str:
+    kl = f"  kl {m['kl']:.4f}" if "kl" in m else ""
+    return (f"[rlhf] step {m['step']:>3}/{spec.train.steps}  reward {m['reward_mean']:+.3f}±{m['reward_std']:.3f}{kl}"
+            f"  len {m['response_length']:.1f}  {m['step_s']:.1f} s (gen {m['generate_s']:.1f}, score {m['score_s']:.2f}, "
+            f"ref {m['reference_s']:.1f}, train {m['train_s']:.1f}, sync {m['sync_s']:.2f})  "
+            f"{m['completions_per_s']:.2f} completions/s")
+
+
+def run(spec: RlhfSpec, progress=print) -> dict:
+    from lmjobs.rlhf.report import write_report
+    from lmjobs.trainer import _TensorBoard
+
+    controller = Controller(spec, progress)  # everything checked before any cluster work
+    controller.start()
+    run_dir = controller.run_dir
+    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
+    # a killed run may have logged steps past its last checkpoint: they are run again
+    _rewrite(metrics_path, _history(metrics_path, controller.step))
+    _rewrite(samples_path, _history(samples_path, controller.step))
+    tensorboard = _TensorBoard(str(run_dir), spec, "rlhf")
+    every = spec.train.checkpoint_every
+    start_step = controller.step
+    for step in range(controller.step + 1, spec.train.steps + 1):
+        metrics, samples = controller.step_once(step)
+        metrics["start_step"] = start_step
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        with samples_path.open("a") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+        tensorboard.log(metrics)
+        progress(_line(spec, metrics))
+        if (every and step % every == 0) or step == spec.train.steps:
+            controller.checkpoint()
+    tensorboard.close()
+    export_dir = str(run_dir / "policy")
+    controller.policy.call("export", [(export_dir,)])
+    history = _history(metrics_path, spec.train.steps)
+    report = write_report(spec, history, run_dir)
+    out = {"run_dir": str(run_dir), "metrics": str(metrics_path), "policy": export_dir,
+           "checkpoint": str(latest_checkpoint(run_dir)), "steps": spec.train.steps, "start_step": start_step,
+           "info": controller.info, **report}
+    (run_dir / "summary.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def summary(out: dict) -> list[str]:
+    s = out["figures"]
+    lines = [f"[rlhf] done: {out['steps']} steps (started at {out['start_step']}); reward {s['reward_first']:+.3f} "
+             f"(first step) -> {s['reward_last_quarter']:+.3f} (mean of the last quarter)"]
+    if s.get("kl_max") is not None:
+        lines.append(f"  KL per token: max {s['kl_max']:.4f}, last {s['kl_last']:.4f} (target {s['kl_target']})")
+    lines.append(f"  throughput: {s['completions_per_s']:.2f} completions/s, {s['tokens_per_s']:.1f} tokens/s; "
+                 f"weight sync {s['sync_s']:.2f} s a step ({s['sync_mb']:.1f} MiB)")
+    lines += [f"  policy (Hugging Face): {out['policy']}", f"  checkpoint: {out['checkpoint']}",
+              f"  metrics: {out['metrics']}  (TensorBoard: {out['run_dir']}/tensorboard)",
+              f"  curves: {out['curves']}", f"  samples: {out['run_dir']}/samples.jsonl"]
+    return lines

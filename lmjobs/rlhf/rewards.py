@@ -1,0 +1,132 @@
+"""What scores a completion: Python functions, a reward model, a remote HTTP scorer.  No Ray.
+
+`Scorer` is what the reward actor holds; it returns the weighted total and each source's score
+so the metrics show what moved."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import urllib.request
+from typing import Callable
+
+from lmjobs.rlhf.spec import RewardFunction, RlhfRewardSection
+
+
+def load_function(path: str) -> Callable:
+    """`module:function` or `path/to/file.py:function`."""
+    where, _, name = path.rpartition(":")
+    if where.endswith(".py"):
+        file = pathlib.Path(where).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"reward.functions: {file} does not exist")
+        spec = importlib.util.spec_from_file_location(f"lmjobs_reward_{file.stem}", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise AttributeError(f"reward.functions: {path}: {name} is not a function of {where}")
+    return fn
+
+
+def absolute(section: RlhfRewardSection) -> RlhfRewardSection:
+    """File paths resolved against the driver's working directory (actors may run elsewhere)."""
+    def fix(f: RewardFunction) -> RewardFunction:
+        where, _, name = f.path.rpartition(":")
+        if not where.endswith(".py"):
+            return f
+        return f.model_copy(update={"path": f"{os.path.abspath(os.path.expanduser(where))}:{name}"})
+
+    return section.model_copy(update={"functions": [fix(f) for f in section.functions]})
+
+
+class Scorer:
+    def __init__(self, section: RlhfRewardSection):
+        self.section = section
+        self.functions = [(f, load_function(f.path)) for f in section.functions]
+        self.model = self.tokenizer = None
+        if section.model:
+            from transformers import AutoModelForSequenceClassification
+
+            from lmjobs.finetune.base import resolve, tokenizer
+
+            directory = resolve(section.model)
+            self.tokenizer = tokenizer(directory)
+            self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+
+    def score(self, prompts: list[str], completions: list[str]) -> dict:
+        """{"total": [float], "parts": {source: [float]}} for the completions (one prompt each)."""
+        parts: dict[str, list[float]] = {}
+        total = [0.0] * len(completions)
+        for f, fn in self.functions:
+            if f.call == "text":
+                values = [float(fn(c)) for c in completions]
+            else:
+                values = [float(v) for v in fn(prompts=prompts, completions=completions)]
+            if len(values) != len(completions):
+                raise ValueError(f"reward function {f.path} returned {len(values)} scores for {len(completions)} "
+                                 "completions")
+            parts[f.path.rpartition(":")[2]] = values
+            total = [t + f.weight * v for t, v in zip(total, values)]
+        if self.model is not None:
+            values = self._model_scores(prompts, completions)
+            parts["reward_model"] = values
+            total = [t + self.section.model_weight * v for t, v in zip(total, values)]
+        if self.section.url:
+            values = self._remote(prompts, completions)
+            parts["remote"] = values
+            total = [t + self.section.url_weight * v for t, v in zip(total, values)]
+        bad = [i for i, v in enumerate(total) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"reward: completion {bad[0]} scored {total[bad[0]]} (not a finite number)")
+        return {"total": total, "parts": parts}
+
+    def _model_scores(self, prompts: list[str], completions: list[str]) -> list[float]:
+        import torch
+
+        texts = [p + c for p, c in zip(prompts, completions)]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        with torch.no_grad():
+            return self.model(**enc).logits[:, 0].float().tolist()
+
+    def _remote(self, prompts: list[str], completions: list[str]) -> list[float]:
+        body = json.dumps({"prompts": prompts, "completions": completions}).encode()
+        request = urllib.request.Request(self.section.url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.section.url_timeout_s) as response:
+            values = json.loads(response.read())["rewards"]
+        if len(values) != len(completions):
+            raise ValueError(f"reward.url returned {len(values)} rewards for {len(completions)} completions")
+        return [float(v) for v in values]
+
+
+class RunningMoments:
+    """Mean and variance of every score seen (Chan et al.'s parallel update), for normalising."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, values: list[float]) -> None:
+        n = len(values)
+        if not n:
+            return
+        mean = sum(values) / n
+        m2 = sum((v - mean) ** 2 for v in values)
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta ** 2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]

