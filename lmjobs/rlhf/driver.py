@@ -126,6 +126,7 @@ class Controller:
         self.reward_section = absolute(spec.reward)
         for f in self.reward_section.functions:  # fail on a wrong path before any cluster work
             load_function(f.path)
+        self.policy = self.reference = self.critic = self.reward = self.rollout = self.placement = None
         self.resume_from = latest_checkpoint(self.run_dir)
         if self.resume_from is not None:
             saved = json.loads((self.resume_from / "controller.json").read_text())
@@ -147,26 +148,20 @@ class Controller:
                                          else os.cpu_count() or 1)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_dict(spec), sort_keys=False))
-        data = resolved_dict(spec)
         log = self.progress
         t0 = time.perf_counter()
-        self.policy = actors.ActorGroup("policy", actors.PolicyActor, 1, lambda i: (data,),
-                                        {"CPU": spec.policy.cpus, "GPU": spec.policy.gpus}, log=log)
-        self.reference = None
-        if spec.kl.coef > 0 and not spec.reference.colocate:
-            self.reference = actors.ActorGroup("reference", actors.ReferenceActor, 1, lambda i: (data,),
-                                               {"CPU": spec.reference.cpus, "GPU": spec.reference.gpus}, log=log)
-        self.critic = None
-        if spec.algorithm == "ppo":
-            self.critic = actors.ActorGroup("critic", actors.CriticActor, 1, lambda i: (data,),
-                                            {"CPU": spec.critic.cpus, "GPU": spec.critic.gpus}, log=log)
-        reward_data = self.reward_section.model_dump(mode="json")
-        self.reward = actors.ActorGroup("reward", actors.RewardActor, spec.reward.num_actors, lambda i: (reward_data,),
-                                        {"CPU": spec.reward.cpus}, spec.reward.max_restarts, log=log)
-        self.rollout = actors.ActorGroup("rollout", actors.RolloutActor, spec.rollout.num_workers,
-                                         lambda i: (data, i), {"CPU": spec.rollout.cpus_per_worker,
-                                                               "GPU": spec.rollout.gpus_per_worker},
-                                         spec.rollout.max_restarts, log=log)
+        roles = self.roles()
+        self.placement = None
+        if spec.placement != "none":
+            self.placement = actors.Placement([(role, i, res) for role, (_, count, res, _) in roles.items()
+                                               for i in range(count)], spec.placement, spec.placement_timeout_s)
+        classes = {"policy": actors.PolicyActor, "reference": actors.ReferenceActor, "critic": actors.CriticActor,
+                   "reward": actors.RewardActor, "rollout": actors.RolloutActor}
+        groups = {role: actors.ActorGroup(role, classes[role], count, args, res, restarts, log, self.placement)
+                  for role, (args, count, res, restarts) in roles.items()}
+        self.policy, self.reward = groups["policy"], groups["reward"]
+        self.reference, self.critic = groups.get("reference"), groups.get("critic")
+        self.rollout = groups.get("rollout", self.policy)  # colocated: the policy samples
         self.info = self.policy.call("info", [()])[0]
         self.precision = self.info["precision"]
         self.kl = (AdaptiveKL(spec.kl.coef, spec.kl.target, spec.kl.horizon) if spec.kl.controller == "adaptive"
@@ -187,15 +182,35 @@ class Controller:
         where = f"resumed from {self.resume_from.name}" if self.resume_from else "from the start"
         progress_line = (f"[rlhf] {spec.algorithm} on {joined['address']} ({'embedded' if joined['embedded'] else 'joined'}): "
                          f"policy {self.info['params'] / 1e6:.1f}M params ({self.info['trainable'] / 1e6:.2f}M trained, "
-                         f"{self.precision}), {len(self.rollout)} rollout workers, {len(self.reward)} reward actor(s), "
+                         f"{self.precision}), "
+                         f"{'rollout in the policy actor' if spec.rollout.colocate else f'{len(self.rollout)} rollout workers'}, {len(self.reward)} reward actor(s), "
                          f"{'colocated ' if spec.reference.colocate else ''}reference"
                          f"{', critic' if self.critic else ''}; {where}; setup {self.setup_s:.0f} s")
         self.progress(progress_line)
+
+    def roles(self) -> dict:
+        """role -> (args of actor i, count, resources, max restarts): the actor groups this spec needs."""
+        spec, data = self.spec, resolved_dict(self.spec)
+        reward_data = self.reward_section.model_dump(mode="json")
+        roles = {"policy": (lambda i: (data,), 1, {"CPU": spec.policy.cpus, "GPU": spec.policy.gpus}, 0)}
+        if spec.kl.coef > 0 and not spec.reference.colocate:
+            roles["reference"] = (lambda i: (data,), 1, {"CPU": spec.reference.cpus, "GPU": spec.reference.gpus}, 0)
+        if spec.algorithm == "ppo":
+            roles["critic"] = (lambda i: (data,), 1, {"CPU": spec.critic.cpus, "GPU": spec.critic.gpus}, 0)
+        roles["reward"] = (lambda i: (reward_data,), spec.reward.num_actors, {"CPU": spec.reward.cpus},
+                           spec.reward.max_restarts)
+        if not spec.rollout.colocate:
+            roles["rollout"] = (lambda i: (data, i), spec.rollout.num_workers,
+                                {"CPU": spec.rollout.cpus_per_worker, "GPU": spec.rollout.gpus_per_worker},
+                                spec.rollout.max_restarts)
+        return roles
 
     # -- the phases -----------------------------------------------------------------------------
 
     def sync(self) -> dict:
         """Phase 6: the policy's trainable tensors, bucketed into the object store, to every rollout worker."""
+        if self.spec.rollout.colocate:
+            return {"sync_s": 0.0, "sync_put_s": 0.0, "sync_mb": 0.0}
         t0 = time.perf_counter()
         self.weights, self.weight_bytes = self.policy.call("weights", [(self.spec.train.weight_bucket_mb,)])[0]
         put_s = time.perf_counter() - t0
@@ -219,7 +234,7 @@ class Controller:
         # fewer shares than workers: only the first ones work this step
         outs = self.rollout.call("generate", args, on_restart=self._reload, what=f" at step {step}")
         for i, out in enumerate(outs):
-            if out["version"] != self.step:  # restarted between calls: it sampled from its initial weights
+            if out["version"] not in (None, self.step):  # restarted between calls: it sampled from its initial weights
                 self.progress(f"[rlhf] rollout actor {i} came back from a restart with stale weights at step {step}; "
                               "sending the policy's weights and sampling its share again")
                 self.rollout.restarts += 1
@@ -270,17 +285,22 @@ class Controller:
         pad = 0  # masked out everywhere; any id will do
         batch = collate(rollout["prompt_ids"], rollout["completion_ids"], pad)
         batch_ref = ray.put(batch)
-        half = max(1, self.cores // 2)
         coef = self.kl.coef
+        needs_old = spec.algorithm == "ppo" or spec.ppo.epochs > 1 or (spec.ppo.minibatch_size or 10**9) < len(scores)
+        calls = [name for name, wanted in (("reference", coef > 0), ("old", needs_old), ("values", self.critic is not None))
+                 if wanted]
+        # calls in one process run one after another: they share its threads; other processes split the cores
+        processes = len({"policy" if c == "old" or (c == "reference" and spec.reference.colocate) else c for c in calls})
+        share = spec.threads or max(1, self.cores // max(1, processes))
+        half = max(1, self.cores // 2)
         ref_ref = old_ref = values_ref = None
         if coef > 0:
-            ref_ref = (self.policy.async_call("reference_logprobs", [(batch_ref, half)])[0] if spec.reference.colocate
-                       else self.reference.async_call("logprobs", [(batch_ref, self.precision, half)])[0])
-        needs_old = spec.algorithm == "ppo" or spec.ppo.epochs > 1 or (spec.ppo.minibatch_size or 10**9) < len(scores)
+            ref_ref = (self.policy.async_call("reference_logprobs", [(batch_ref, share)])[0] if spec.reference.colocate
+                       else self.reference.async_call("logprobs", [(batch_ref, self.precision, share)])[0])
         if needs_old:
-            old_ref = self.policy.async_call("logprobs", [(batch_ref, half)])[0]
+            old_ref = self.policy.async_call("logprobs", [(batch_ref, share)])[0]
         if self.critic is not None:
-            values_ref = self.critic.async_call("values", [(batch_ref, half)])[0]
+            values_ref = self.critic.async_call("values", [(batch_ref, share)])[0]
         ref_logp = ray.get(ref_ref) if ref_ref is not None else None
         old_logp = ray.get(old_ref) if old_ref is not None else None
         values = ray.get(values_ref) if values_ref is not None else None
@@ -344,11 +364,21 @@ class Controller:
                "completions": len(scores), "tokens": int(lengths.sum()),
                "completions_per_s": len(scores) / timings["step_s"],
                "tokens_per_s": float(lengths.sum()) / timings["step_s"],
-               "rollout_restarts": self.rollout.restarts, "reward_restarts": self.reward.restarts,
+               "rollout_restarts": 0 if spec.rollout.colocate else self.rollout.restarts, "reward_restarts": self.reward.restarts,
                **{k: round(v, 4) for k, v in timings.items()}}
         samples = [{"step": step, "prompt": rollout["prompts"][i], "completion": rollout["texts"][i],
                     "reward": scored["raw"][i]} for i in range(min(spec.train.log_samples, len(scores)))]
         return out, samples
+
+    def stop(self) -> None:
+        """The actors and their reservation go (a driver that lives on, e.g. a notebook, keeps no CPUs)."""
+        import ray
+
+        for group in (self.policy, self.reference, self.critic, self.reward, self.rollout):
+            for actor in (group.actors if group is not None else []):
+                ray.kill(actor, no_restart=True)
+        if self.placement is not None:
+            self.placement.remove()
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -393,12 +423,11 @@ def _line(spec: RlhfSpec, m: dict) -> str:
             f"{m['completions_per_s']:.2f} completions/s")
 
 
-def run(spec: RlhfSpec, progress=print) -> dict:
+def _train(controller: Controller, spec: RlhfSpec, progress) -> dict:
+    """Steps from where the run stands to the end, then the export and the report."""
     from lmjobs.rlhf.report import write_report
     from lmjobs.trainer import _TensorBoard
 
-    controller = Controller(spec, progress)  # everything checked before any cluster work
-    controller.start()
     run_dir = controller.run_dir
     metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
     # a killed run may have logged steps past its last checkpoint: they are run again
@@ -423,10 +452,19 @@ def run(spec: RlhfSpec, progress=print) -> dict:
     controller.policy.call("export", [(export_dir,)])
     history = _history(metrics_path, spec.train.steps)
     report = write_report(spec, history, run_dir)
-    out = {"run_dir": str(run_dir), "metrics": str(metrics_path), "policy": export_dir,
-           "checkpoint": str(latest_checkpoint(run_dir)), "steps": spec.train.steps, "start_step": start_step,
-           "info": controller.info, **report}
-    (run_dir / "summary.json").write_text(json.dumps(out, indent=1))
+    return {"run_dir": str(run_dir), "metrics": str(metrics_path), "policy": export_dir,
+            "checkpoint": str(latest_checkpoint(run_dir)), "steps": spec.train.steps, "start_step": start_step,
+            "info": controller.info, **report}
+
+
+def run(spec: RlhfSpec, progress=print) -> dict:
+    controller = Controller(spec, progress)  # everything checked before any cluster work
+    try:
+        controller.start()
+        out = _train(controller, spec, progress)
+    finally:
+        controller.stop()
+    (controller.run_dir / "summary.json").write_text(json.dumps(out, indent=1))
     return out
 
 

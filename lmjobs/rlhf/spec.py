@@ -71,6 +71,9 @@ class RlhfRewardSection(Section):
 
 
 class RolloutSection(Section):
+    # colocate: the policy's actor samples itself (one copy of the weights, no weight sync; the
+    # phases run one after another anyway on a small machine); else num_workers rollout actors
+    colocate: bool = False
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.25, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
@@ -147,6 +150,11 @@ class RlhfSpec(JobSpec):
     embedded_num_cpus: int | None = Field(None, ge=1)
     # intra-op threads of each actor; None: the node's cores shared among the actors busy at once
     threads: int | None = Field(None, ge=1)
+    # every role's actor gets a bundle of one placement group, reserved all at once before any
+    # starts (a cluster too small fails with the sizes, not a hang): PACK keeps them on as few
+    # nodes as possible (cheap weight sync), SPREAD across nodes; none: no placement group
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "none"] = "PACK"
+    placement_timeout_s: float = Field(120.0, gt=0)
     policy: RlhfPolicySection
     reference: RlhfReferenceSection = RlhfReferenceSection()
     critic: RlhfCriticSection = RlhfCriticSection()
