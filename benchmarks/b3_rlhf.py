@@ -46,7 +46,7 @@ def run_trl(python: str, model: str, config: dict, out: pathlib.Path) -> dict:
     result = out / "trl.json"
     command = [python, str(SHARED / "trl_grpo_bench.py"), "--model", model, "--steps", str(config["steps"]),
                "--learning-rate", str(config["lr"]), "--group-size", "4", "--max-new-tokens", "32",
-               "--batch-prompts", "4", "--seed", "0", "--out", str(result)]
+               "--batch-prompts", "4", "--seed", "0", "--wait-quiet", "60", "--out", str(result)]
     t0 = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
@@ -58,7 +58,8 @@ def run_trl(python: str, model: str, config: dict, out: pathlib.Path) -> dict:
     return {"completions_per_s": s["completions_per_s_steady"], "step_s": s["step_wall_s_steady(excl_step1)"]["mean"],
             "rewards": rewards, "reward_first_quarter": first, "reward_last_quarter": last,
             "reward_gain": last - first, "kl": s["kl_per_step"], "wall_s": time.perf_counter() - t0,
-            "phases": s["phase_s_mean_steady"], "recorded": False}
+            "phases": s["phase_s_mean_steady"], "contended_steps": s["contention"]["steps_contended"],
+            "recorded": False}
 
 
 def run_lmjobs(config: dict, out: pathlib.Path, name: str, sets: list[str]) -> dict:
@@ -112,8 +113,10 @@ def main(argv=None) -> int:
             rows["trl"] = run_trl(args.trl_python, model, config, here)
         else:
             rows["trl"] = {**RECORDED_TRL[name], "recorded": True}
+        contended = rows["trl"].get("contended_steps")
         print(f"[b3]   trl          {rows['trl']['completions_per_s']:.2f} completions/s"
-              f"{' (recorded)' if rows['trl']['recorded'] else ''}", flush=True)
+              f"{' (recorded)' if rows['trl']['recorded'] else ''}"
+              f"{f' (other processes busy in steps {contended})' if contended else ''}", flush=True)
         for label, sets in (("lmjobs fp32", ["deepspeed.precision=fp32"]), ("lmjobs auto", [])):
             rows[label] = run_lmjobs(config, here, label.replace(" ", "-"), sets)
             print(f"[b3]   {label:<12} {rows[label]['completions_per_s']:.2f} completions/s", flush=True)

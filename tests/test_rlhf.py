@@ -153,3 +153,33 @@ def test_ppo_learns_and_a_killed_driver_resumes_from_its_checkpoint(ray_cluster,
     assert last_q > first_q + 0.1, (first_q, last_q)
     assert all(m["kl"] < 1.0 for m in rows)
     assert all(key in rows[-1] for key in ("value_loss", "explained_variance", "clipfrac", "entropy", "sync_s"))
+
+
+@pytest.mark.ray
+def test_lora_policy_syncs_only_its_adapters_and_exports_merged(ray_cluster, tiny_gpt2, tmp_path):
+    """With LoRA the rollout worker receives only the adapter tensors each step; the export is a
+    plain model with the adapters folded in."""
+    spec = load_spec(write_spec(tmp_path, tiny_gpt2, "grpo", train__steps=2, rollout__num_workers=1,
+                                reference__colocate=True, policy={"model": tiny_gpt2, "cpus": 0.25,
+                                                                  "lora": {"r": 4, "target_modules": ["c_attn"]}}),
+                     KINDS)
+    out = run(spec)
+    rows = history(out["metrics"])
+    full_mb = out["info"]["params"] * 4 / 2 ** 20
+    lora_mb = out["info"]["trainable"] * 4 / 2 ** 20
+    assert out["info"]["trainable"] < out["info"]["params"] / 10
+    assert all(m["sync_mb"] == pytest.approx(lora_mb) and m["sync_mb"] < full_mb / 10 for m in rows)
+    import safetensors.torch
+
+    names = safetensors.torch.load_file(str(pathlib.Path(out["policy"]) / "model.safetensors")).keys()
+    assert not [n for n in names if "lora" in n]
+
+
+@pytest.mark.ray
+def test_roles_that_do_not_fit_fail_with_the_sizes_not_a_hang(ray_cluster, tiny_gpt2, tmp_path):
+    spec = load_spec(write_spec(tmp_path, tiny_gpt2, "grpo", policy__cpus=8, placement_timeout_s=3), KINDS)
+    with pytest.raises(RuntimeError, match=r"placement: the roles need \{'CPU': 8\.4"):
+        run(spec)
+    import ray
+
+    assert ray.available_resources().get("CPU", 0) >= 1.5  # nothing left reserved

@@ -123,3 +123,44 @@ def test_training_log_probs_equal_sampling_log_probs(tiny_gpt2):
 def test_optimizer_defaults_are_constant():
     spec = RlhfSpec.model_validate(BASE)
     assert spec.optim.resolved().min_lr == spec.optim.lr and spec.kl_where == "loss"
+
+
+def test_remote_http_scorer_and_a_reward_model_add_to_the_functions(tiny_gpt2, tmp_path):
+    """reward.url: a real HTTP server on 127.0.0.1 scores the completions; reward.model: a one-score
+    sequence-classification model (what `task: preference` exports) scores prompt + completion."""
+    import http.server
+    import json
+    import threading
+
+    import torch
+    import transformers
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            reply = json.dumps({"rewards": [float(len(c)) for c in body["completions"]]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.from_pretrained(tiny_gpt2, num_labels=1)
+    reward_model = tmp_path / "rm"
+    transformers.GPT2ForSequenceClassification(config).save_pretrained(reward_model)
+    transformers.AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(reward_model)
+    try:
+        section = RlhfRewardSection(url=f"http://127.0.0.1:{server.server_port}/score", url_weight=0.5,
+                                    model=str(reward_model), model_weight=2.0)
+        out = Scorer(section).score(["p", "q"], ["ab", "abcd"])
+    finally:
+        server.shutdown()
+    assert out["parts"]["remote"] == [2.0, 4.0]
+    model_scores = out["parts"]["reward_model"]
+    assert len(model_scores) == 2 and model_scores[0] != model_scores[1]
+    assert out["total"] == pytest.approx([0.5 * r + 2.0 * m for r, m in zip([2.0, 4.0], model_scores)])

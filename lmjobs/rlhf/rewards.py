@@ -58,6 +58,8 @@ class Scorer:
             directory = resolve(section.model)
             self.tokenizer = tokenizer(directory)
             self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+            if self.model.config.pad_token_id is None:  # the score is read at the last real token
+                self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
     def score(self, prompts: list[str], completions: list[str]) -> dict:
         """{"total": [float], "parts": {source: [float]}} for the completions (one prompt each)."""
