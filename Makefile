@@ -42,12 +42,14 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# B1 runs nanoGPT's own train.py from a checkout named by NANOGPT_DIR (not on PyPI); without one its
-# row is the recorded figure, marked as such
+# B1 runs nanoGPT's own train.py from a checkout named by NANOGPT_DIR (not on PyPI), B3 TRL's GRPO
+# script in the virtual environment TRL_PYTHON names; without them their rows are the recorded
+# figures, marked as such
 bench: install
 	$(PY) benchmarks/b1_pretrain.py
 	$(PY) benchmarks/b2_corpus.py
 	$(PY) benchmarks/bf_finetune.py
+	$(PY) benchmarks/b3_rlhf.py --config throughput
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

@@ -214,6 +214,10 @@ def join_cluster(address: str | None, num_cpus: int | None = None) -> dict:
     if is_embedded():
         # nothing preempts a cluster on this machine; its watcher actor only logs a core-worker error
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Train's controller polls its workers every 2 s by default and takes each step of a run's
+        # start and end at a poll: on one small machine a 0.5 s poll saves seconds a run (measured
+        # here: 22 s -> 14 s for a two-run invariance test) for little load
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     return joined
 
 

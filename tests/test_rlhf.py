@@ -168,7 +168,7 @@ def test_lora_policy_syncs_only_its_adapters_and_exports_merged(ray_cluster, tin
     full_mb = out["info"]["params"] * 4 / 2 ** 20
     lora_mb = out["info"]["trainable"] * 4 / 2 ** 20
     assert out["info"]["trainable"] < out["info"]["params"] / 10
-    assert all(m["sync_mb"] == pytest.approx(lora_mb) and m["sync_mb"] < full_mb / 10 for m in rows)
+    assert all(m["sync_mb"] == pytest.approx(lora_mb, abs=1e-4) and m["sync_mb"] < full_mb / 10 for m in rows)
     import safetensors.torch
 
     names = safetensors.torch.load_file(str(pathlib.Path(out["policy"]) / "model.safetensors")).keys()
