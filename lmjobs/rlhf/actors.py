@@ -73,7 +73,6 @@ def sample(model, tok, spec, prompts: list[str], group_size: int, seed: int, pre
 
     from lmjobs.rlhf.sequences import completions_of, encode_prompts, left_pad
 
-    start = time.perf_counter()
     encoded = encode_prompts(tok, prompts, spec.data.chat_template, spec.data.max_prompt_tokens)
     rows = [ids for ids in encoded for _ in range(group_size)]
     ids, mask = left_pad(rows, tok.pad_token_id)
@@ -88,7 +87,7 @@ def sample(model, tok, spec, prompts: list[str], group_size: int, seed: int, pre
     model.train(was_training)
     completions = completions_of(out[:, ids.shape[1]:], tok.eos_token_id)
     texts = tok.batch_decode(completions, skip_special_tokens=True)
-    return {"prompt_ids": rows, "completion_ids": completions, "texts": texts, "seconds": time.perf_counter() - start}
+    return {"prompt_ids": rows, "completion_ids": completions, "texts": texts}
 
 
 class _Trained:

@@ -151,7 +151,6 @@ class Controller:
         log = self.progress
         t0 = time.perf_counter()
         roles = self.roles()
-        self.placement = None
         if spec.placement != "none":
             self.placement = actors.Placement([(role, i, res) for role, (_, count, res, _) in roles.items()
                                                for i in range(count)], spec.placement, spec.placement_timeout_s)
