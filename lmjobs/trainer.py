@@ -20,14 +20,12 @@ import torch.distributed as dist
 
 from cluster import storage
 from lmjobs.config import TrainJobSpec
+from lmjobs.device import device_rates, needed_rates, peak_for, resolve_precision, training_device
 from lmjobs.models import num_params
 from lmjobs.strategy import DeepSpeedStrategy
 
 TRAIN_STATE = "train_state.json"
 PROBE = "probe_logits.json"
-# `precision: auto` takes bf16 autocast only where bf16 matmuls are clearly faster than fp32 on the
-# training device: CPUs with AVX-512 BF16 / AMX run them ~2x faster, CPUs without ~10x slower
-AUTO_BF16_SPEEDUP = 1.5
 
 
 class Reporter(Protocol):
@@ -97,53 +95,6 @@ def _stream(batches: Iterable[dict], consumed: int) -> Iterator[dict]:
     raise RuntimeError("this rank's data stream ended before train.steps; the data plan is inconsistent")
 
 
-def training_device(use_gpu: bool) -> torch.device:
-    if use_gpu and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def matmul_tflops(dtype: torch.dtype, device: torch.device, seconds: float = 0.3) -> float:
-    """The best dense matmul rate (TFLOP/s) this process reaches on `device` in `dtype`, over a
-    few sizes (small ones read low on CPUs, large ones are needed to fill a GPU)."""
-    # CPU GEMMs reach their rate only from ~2048 on (1024 read half the fp32 peak here, and MFU 86 %)
-    sizes = (1024, 2048) if device.type == "cpu" else (4096, 8192)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = 0.0
-    for size in sizes:
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
-        a @ b  # warm-up: kernel selection, page faults
-        sync()
-        for _ in range(3):  # best of three windows: one disturbed window must not lower the peak
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds / 3:
-                a @ b
-                n += 1
-            sync()
-            best = max(best, 2 * size**3 * n / (time.perf_counter() - t0) / 1e12)
-    return best
-
-
-def measure_device(device: torch.device) -> dict[str, float]:
-    """fp32 and bf16 matmul peaks (TFLOP/s) of the training device, with this process's threads."""
-    return {"fp32": matmul_tflops(torch.float32, device), "bf16": matmul_tflops(torch.bfloat16, device)}
-
-
-def resolve_precision(precision: str, rates: dict[str, float]) -> str:
-    """`auto` -> bf16 autocast where the device's bf16 matmuls are clearly faster, else fp32."""
-    if precision != "auto":
-        return precision
-    return "bf16_autocast" if rates["bf16"] >= AUTO_BF16_SPEEDUP * rates["fp32"] else "fp32"
-
-
-def peak_for(precision: str, rates: dict[str, float]) -> float:
-    """The MFU denominator: the fastest matmul rate the run's kernels could reach.  Mixed
-    precision runs fp32 kernels too (norms, softmax, the optimizer), so take the better of the
-    two; fp32 runs only fp32."""
-    return rates["fp32"] if precision == "fp32" else max(rates.values())
-
-
 def _barrier() -> None:
     if _initialized():
         dist.barrier()
@@ -178,11 +129,15 @@ class Trainer:
         saved = _read_state(resume_dir)
         # a resumed run keeps the precision its first attempt chose: the same sums, exactly
         chosen = saved.get("precision") or (None if self.precision == "auto" else self.precision)
-        rates = None
-        if chosen is None or self.spec.train.peak_tflops is None:  # same on every rank: one spec, one checkpoint
+        names = needed_rates(chosen or "auto", self.spec.train.peak_tflops is not None)
+        probe = {"rates": {}, "cached": True, "seconds": 0.0}
+        if names:  # same on every rank: one spec, one checkpoint
             _barrier()  # no rank measures while another still starts (or already reads data)
-            rates = measure_device(training_device(self.spec.scaling.use_gpu))
+            probe = device_rates(training_device(self.spec.scaling.use_gpu), names)
             _barrier()
+        rates = probe["rates"]
+        # how this attempt learnt its device's rates (train_state.json): measured, or the node's cache
+        self.device_probe = {"rates": rates, "cached": probe["cached"], "seconds": probe["seconds"]}
         self.precision = _rank0_decision(chosen or resolve_precision(self.precision, rates))
         self.peak_tflops = self.spec.train.peak_tflops or peak_for(self.precision, rates)
         model = self.task.build_model()
@@ -200,7 +155,8 @@ class Trainer:
             print(f"[{self.task.kind}] {self.task.describe(model)}, global batch {self.spec.global_batch_size}, "
                   f"{self.spec.scaling.num_workers} worker(s) x {torch.get_num_threads()} threads, "
                   f"ZeRO-{self.spec.deepspeed.zero_stage}, {self.precision}"
-                  + (f" (auto: bf16 {rates['bf16']:.2f} vs fp32 {rates['fp32']:.2f} TFLOP/s)"
+                  + (f" (auto: bf16 {rates['bf16']:.3f} vs fp32 {rates['fp32']:.3f} TFLOP/s, "
+                     + ("cached on this node)" if probe["cached"] else f"measured in {probe['seconds']:.1f} s)")
                      if self.spec.deepspeed.precision == "auto" and not saved else "")
                   + f", starting at step {self.start_step}", flush=True)
 
@@ -288,7 +244,7 @@ class Trainer:
                 spec = self.spec
                 train_state = {"step": self.state["step"], "tokens": self.state["tokens"],
                                "micro_batches_per_rank": self.state["micro_batches"], **self.task.state_extra(),
-                               "precision": self.precision,
+                               "precision": self.precision, "device_probe": self.device_probe,
                                # the exact data position: the next step reads stream rows from here on
                                # (lmjobs.pretrain.data; the stream is a function of the seed)
                                "data_position": {"stream_row": self.state["step"] * spec.global_batch_size,

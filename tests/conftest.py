@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import tempfile
 import uuid
 
 import pytest
@@ -17,6 +18,9 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 # what an embedded cluster's jobs get (lmjobs.runner.join_cluster) also for the jobs that join the
 # session's cluster by address: Train's controller polls every 0.5 s instead of 2 s
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The device probe's node cache (lmjobs.device), new for each test session: the session's first
+# training job measures, the later ones read it (as later jobs on a real node do)
+os.environ.setdefault("LMJOBS_DEVICE_CACHE", tempfile.mkdtemp(prefix="lmjobs-device-cache-"))
 # Dummy credentials for the local moto server only; no AWS endpoint is ever contacted.
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"

@@ -254,7 +254,7 @@ def test_mixture_with_curriculum_stages_and_seq_len_warmup(ray_cluster, tmp_path
 
 
 @pytest.mark.ray
-def test_lean_gpt_trains_with_bf16_autocast_and_exports_as_gpt2(ray_cluster, tmp_path):
+def test_lean_gpt_trains_with_bf16_autocast_and_a_second_job_reads_the_device_cache(ray_cluster, tmp_path):
     spec = load_spec(TINY, KINDS, [f"output.root={tmp_path}", "name=lean", "model.family=gpt", "train.steps=6",
                                    "train.log_every=3", "deepspeed.precision=bf16_autocast", "deepspeed.zero_stage=0"])
     out = run(spec)
@@ -264,3 +264,14 @@ def test_lean_gpt_trains_with_bf16_autocast_and_exports_as_gpt2(ray_cluster, tmp
     assert state["precision"] == "bf16_autocast"
     # trained in bf16 autocast, probed and exported in fp32: plain transformers reproduces the logits
     _export_loads_without_lmjobs(out["checkpoint"], tmp_path / "export", expected="GPT2LMHeadModel")
+
+    # a second job on this node with precision auto reads the node's figures instead of measuring
+    # again, and takes the precision they favour (fp32 on AVX2-only CPUs, bf16 with AVX-512 BF16/AMX)
+    from lmjobs.device import resolve_precision
+
+    again = run(load_spec(TINY, KINDS, [f"output.root={tmp_path}", "name=auto", "train.steps=2",
+                                        "train.log_every=1", "deepspeed.precision=auto"]))
+    probed = json.loads(storage.read_text(storage.join(again["checkpoint"], "train_state.json")))
+    assert probed["device_probe"]["cached"] is True and probed["device_probe"]["seconds"] == 0.0
+    assert probed["device_probe"]["rates"] == state["device_probe"]["rates"]
+    assert probed["precision"] == resolve_precision("auto", state["device_probe"]["rates"])

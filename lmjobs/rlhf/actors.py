@@ -96,12 +96,13 @@ class _Trained:
     def _setup(self, spec, model, optim, micro_batch_size: int):
         from lmjobs.runner import quiet_worker
         from lmjobs.strategy import DeepSpeedStrategy
-        from lmjobs.trainer import measure_device, resolve_precision, training_device
+        from lmjobs.device import device_rates, resolve_precision, training_device
 
         quiet_worker()
         precision = spec.deepspeed.precision
         if precision == "auto":
-            precision = resolve_precision(precision, measure_device(training_device(bool(spec.policy.gpus))))
+            rates = device_rates(training_device(bool(spec.policy.gpus)), ("fp32", "bf16"))["rates"]
+            precision = resolve_precision(precision, rates)
         self.precision = precision
         updates = spec.ppo.epochs * (spec.completions_per_step // micro_batch_size)
         _world_of_one()
