@@ -27,6 +27,32 @@ def ensure_token_auth() -> None:
             "unset RAY_AUTH_MODE or set it to 'token'")
 
 
+def ensure_local_token() -> str:
+    """Where this machine's cluster token is, generated if there is none: `ray start --head` (unlike
+    `ray.init`) refuses to start in token mode without one, which is the state of a fresh machine.
+    RAY_AUTH_TOKEN (the value itself) and RAY_AUTH_TOKEN_PATH are the user's choice and are used as
+    they are; otherwise ~/.ray/auth_token, created with a random 256-bit token readable only by its
+    owner.  The token is never printed."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:
+        if not os.path.isfile(os.path.expanduser(named)):
+            raise RuntimeError(f"RAY_AUTH_TOKEN_PATH={named}: no such file")
+        return named
+    path = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # a concurrent start keeps the first
+    except FileExistsError:
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    return path
+
+
 def resolve_address(address: str | None) -> str | None:
     """The cluster to join: the explicit address, else RAY_ADDRESS, else None (embedded)."""
     address = address or os.environ.get("RAY_ADDRESS") or None

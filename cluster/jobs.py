@@ -164,6 +164,22 @@ def _call(fn, url: str, *args):
         raise err from None
 
 
+AGENT_WAIT_S = 120.0  # a head just started (or a loaded one) has no job agent for a while
+
+
+def _until_agent(fn, wait_s: float = AGENT_WAIT_S, poll_s: float = 2.0):
+    """fn(), retried while the head answers that no job agent is up yet (HTTP 500 "No available
+    agent to submit job"): it comes up seconds after `ray start --head`, later on a busy machine."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(poll_s)
+
+
 @dataclass
 class Submission:
     kind: str  # spec kind, for metadata
@@ -208,13 +224,13 @@ def submit_once(sub: Submission, address: str | None, attempt: int, group: str, 
     job_id = f"{group}-a{attempt}"
     env = job_env(sub.submit)
     try:
-        _call(lambda: jc.submit_job(
+        _call(lambda: _until_agent(lambda: jc.submit_job(
             entrypoint=" ".join(["python", "-m", "lmjobs.cli", *sub.command, rel]),
             submission_id=job_id,
             runtime_env={"working_dir": str(sub.working_dir), "excludes": excludes, "env_vars": env},
             metadata={"lmjobs.kind": sub.kind, "lmjobs.name": sub.name, "lmjobs.group": group,
                       "lmjobs.attempt": str(attempt)},
-            **_entrypoint_options(sub.submit)), jc.get_address())
+            **_entrypoint_options(sub.submit))), jc.get_address())
     finally:
         staged.unlink(missing_ok=True)
         try:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from cluster import storage
-from cluster.connect import LOOPBACK, ensure_token_auth
+from cluster.connect import LOOPBACK, ensure_local_token, ensure_token_auth
 
 
 def state_dir() -> pathlib.Path:
@@ -78,6 +78,7 @@ def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265
     """Start the head.  autoscaling_config: a Ray cluster config whose autoscaler runs in the
     head (e.g. infra/local/fake-autoscaling.yaml: Ray's fake multi-node provider)."""
     ensure_token_auth()
+    ensure_local_token()
     existing = LocalCluster.load()
     if existing and _processes(existing):
         raise RuntimeError(f"a local cluster started by lmjobs is already running at {existing.gcs_address}; "

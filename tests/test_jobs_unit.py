@@ -95,3 +95,29 @@ def test_token_in_clear_to_another_host_warns(url):
 def test_token_to_loopback_or_over_https_does_not_warn(url, recwarn):
     assert not jobs.warn_if_token_in_clear(url)
     assert not recwarn.list
+
+
+
+def test_submission_waits_for_the_job_agent_and_not_for_other_errors():
+    from cluster.jobs import _until_agent
+
+    def failing(times, error):
+        calls = []
+
+        def fn():
+            calls.append(1)
+            if len(calls) <= times:
+                raise error
+            return "job-a1"
+        return fn, calls
+
+    no_agent = RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later..")
+    fn, calls = failing(2, no_agent)
+    assert _until_agent(fn, wait_s=10, poll_s=0.01) == "job-a1" and len(calls) == 3
+    fn, calls = failing(10**6, no_agent)
+    with pytest.raises(RuntimeError, match="No available agent"):  # bounded by wait_s
+        _until_agent(fn, wait_s=0.05, poll_s=0.01)
+    fn, calls = failing(1, ValueError("bad spec"))
+    with pytest.raises(ValueError):  # anything else is not retried
+        _until_agent(fn, wait_s=10, poll_s=0.01)
+    assert len(calls) == 1
