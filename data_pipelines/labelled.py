@@ -104,8 +104,11 @@ def _rows(data: bytes, inp: InputSection) -> Iterator[tuple[str, dict | None, st
                 continue
             try:
                 obj = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                yield f"line {n}", None, f"bad JSON: {exc}"
+            except json.JSONDecodeError as exc:  # the cause only: rejects group by it, `where` locates
+                yield f"line {n}", None, f"bad JSON: {exc.msg}"
+                continue
+            except UnicodeDecodeError as exc:
+                yield f"line {n} (byte {exc.start})", None, f"undecodable bytes (utf-8: {exc.reason})"
                 continue
             yield (f"line {n}", obj, "") if isinstance(obj, dict) else (f"line {n}", None, "not a JSON object")
     elif inp.format == "json":

@@ -129,8 +129,10 @@ def _hf_dataset_files(path: str, cfg) -> list[str]:
     return files
 
 
-def _record(offset: int, raw: bytes, text: str | None, reason: str) -> dict:
-    return {"offset": offset, "text": text or "", "reason": reason,
+def _record(offset: int, raw: bytes, text: str | None, reason: str, error_byte: int = -1) -> dict:
+    """One record.  `reason` names only the cause, so rejects group by it; where in the file the
+    fault lies (the first undecodable byte) is `error_byte` (-1: the record as a whole)."""
+    return {"offset": offset, "text": text or "", "reason": reason, "error_byte": error_byte,
             "raw": raw[:RAW_PREFIX_BYTES].decode("utf-8", errors="replace") if reason else ""}
 
 
@@ -231,12 +233,12 @@ def read_records(data: bytes, path: str, source: SourceSection) -> Iterator[dict
         segments = _segments(data, "line" if source.format == "jsonl" else source.split)
     for offset, raw in segments:
         if len(raw) > source.max_record_bytes:
-            yield _record(offset, raw, None, f"oversize record ({len(raw)} > {source.max_record_bytes} bytes)")
+            yield _record(offset, raw, None, f"oversize record (> {source.max_record_bytes} bytes)")
             continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield _record(offset, raw, None, f"undecodable bytes (utf-8: {exc.reason} at {exc.start})")
+            yield _record(offset, raw, None, f"undecodable bytes (utf-8: {exc.reason})", offset + exc.start)
             continue
         if source.format == "text":
             yield _record(offset, raw, text, "")
@@ -253,6 +255,14 @@ def read_records(data: bytes, path: str, source: SourceSection) -> Iterator[dict
             yield _record(offset, raw, None, f"field '{source.text_field}' is {kind}, not a string")
         else:
             yield _record(offset, raw, obj[source.text_field], "")
+
+
+def _undecodable(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
 
 
 _JOINERS = {"space": " ", "newline": "\n", "sentencepiece": ""}
@@ -283,7 +293,9 @@ def _tfrecord_records(data: bytes, source: SourceSection) -> Iterator[dict]:
         try:
             pieces = [v.decode("utf-8") for v in values]
         except UnicodeDecodeError as exc:
-            yield _record(offset, raw, None, f"undecodable bytes (utf-8: {exc.reason} at {exc.start})")
+            bad = next(v for v in values if _undecodable(v))
+            yield _record(offset, raw, None, f"undecodable bytes (utf-8: {exc.reason})",
+                          offset + 12 + payload.find(bad) + exc.start)  # 12: the record's length header
             continue
         text = _JOINERS[source.join].join(pieces)
         if source.join == "sentencepiece":

@@ -26,13 +26,19 @@ def _load(args, kind: str | None):
     return load_spec(args.spec, KINDS, overrides, expect_kind=kind)
 
 
-def cmd_validate(args) -> int:
+def check_paths(spec, spec_path: str) -> None:
+    """Every local path the spec names must exist: `validate` and the job commands answer a missing
+    one alike (exit 2, every missing field named) before any cluster work."""
     from lmjobs.runner import missing_paths
 
-    spec = _load(args, None)
     missing = missing_paths(spec)
     if missing:
-        raise SpecError(args.spec, [f"{field}: {path} does not exist" for field, path in missing])
+        raise SpecError(spec_path, [f"{field}: {path} does not exist" for field, path in missing])
+
+
+def cmd_validate(args) -> int:
+    spec = _load(args, None)
+    check_paths(spec, args.spec)
     print(f"{args.spec}: valid {spec.kind} spec '{spec.name}'")
     return 0
 
@@ -42,6 +48,7 @@ def cmd_kind(args) -> int:
     from lmjobs import runner
 
     spec = _load(args, args.kind)
+    check_paths(spec, args.spec)
     out = runner.run(spec)
     for line in runner.summary(spec, out):
         print(line)

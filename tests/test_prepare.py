@@ -62,6 +62,14 @@ def test_read_records_offsets_and_reasons():
     assert [r["reason"].split(":")[0].split(" (")[0] for r in recs] == [
         "", "bad JSON", "missing field 'text'", "undecodable bytes", "oversize record"]
     assert recs[0]["text"] == "ok" and recs[1]["raw"] == "not json"
+    # the reason names only the cause (one line per cause in `data stats`); where the bad byte
+    # lies is the record's error_byte, an offset into the file
+    assert recs[3]["reason"] == "undecodable bytes (utf-8: invalid start byte)"
+    assert data[recs[3]["error_byte"]] == 0xFF and recs[0]["error_byte"] == -1
+    late = list(read_records(b'{"text": "ab\xffc"}\n{"text": "abcdef\xff"}\n', "x.jsonl", src))
+    assert len({r["reason"] for r in late}) == 1
+    assert [r["error_byte"] for r in late] == [12, 33]
+    assert recs[4]["reason"] == "oversize record (> 40 bytes)"
 
 
 def test_parquet_and_csv_rows(tmp_path):
@@ -199,6 +207,7 @@ def test_prepare_counts_reconcile_and_shards_are_exact(ray_cluster, corpus, tmp_
     for r in rejects:
         expected = b'{"text": "caf' if "undecodable" in r["reason"] else r["raw"].encode()
         assert raw_file[r["offset"]:].startswith(expected), r
+        assert (raw_file[r["error_byte"]] >= 0x80) if "undecodable" in r["reason"] else r["error_byte"] == -1
 
     # shards: fixed-length blocks whose tokens reconcile with the kept documents
     manifest = json.loads((out / "manifest.json").read_text())

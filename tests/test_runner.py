@@ -177,3 +177,16 @@ def test_checkpoint_files_are_verified_before_deepspeed_unpickles_them(one_rank_
     (tmp_path / "sha256_rank0.json").unlink()
     with pytest.raises(RuntimeError, match="cannot be verified"):
         strategy().load(tmp_path)
+
+
+def test_a_missing_source_gets_the_same_answer_from_validate_and_the_job_command(tmp_path, capsys):
+    spec = tmp_path / "prep.yaml"
+    spec.write_text(f"kind: data_prepare\nname: p\nsources: [{{path: {tmp_path}/absent/*.jsonl, format: jsonl}}]\n"
+                    f"output: {{root: {tmp_path}/out}}\n")
+    answers = []
+    for argv in (["validate", str(spec)], ["data", "prepare", str(spec)]):
+        code = main(argv)
+        answers.append((code, capsys.readouterr().err))
+    assert answers[0] == answers[1] and answers[0][0] == 2, answers
+    assert f"sources[0].path: {tmp_path}/absent/*.jsonl does not exist" in answers[0][1]
+    assert not (tmp_path / "out").exists()  # refused before any work
