@@ -18,7 +18,11 @@ Sides, run one after another in one process on the same machine:
   AdamW, random 64-token windows like nanoGPT, torch's default threads, fp32.
 - `wN-PREC-zS`: lmjobs with N workers, precision PREC (auto, fp32, bf16_autocast, bf16) and ZeRO stage
   S, on a fresh 2-CPU embedded cluster (its start timed apart), training on packed shards of the same
-  split (64-token blocks at offsets 0 and 32 of the text, shuffled by lmjobs' data plan).
+  split (65-token blocks at offsets 0 and 32 of the text, shuffled by lmjobs' data plan).
+
+Every side trains on 64 targets per window, as nanoGPT does (x = 64 tokens, y = the next 64): the plain
+loop and lmjobs train on 65-token blocks, whose causal loss has 64 targets (a 64-token block has only 63,
+and position 63, which the scoring below uses, would never be trained).  Tokens/s counts targets.
 
 Every side's final model is scored by one function: mean next-token loss over every non-overlapping
 64-token window of the held-out 10 %.  Tokens/s counts training steps only (nanoGPT's evaluation
@@ -166,7 +170,7 @@ def run_nanogpt(checkout: pathlib.Path, vocab: str, iters: int, train: np.ndarra
 def run_plain(iters: int, train: np.ndarray, size: int, out: pathlib.Path) -> dict:
     """The same Hugging Face model and optimizer in one process: no Ray, no DeepSpeed."""
     t0 = time.perf_counter()
-    model = build_causal_lm(MODEL, size, SEQ, SEED)
+    model = build_causal_lm(MODEL, size, SEQ + 1, SEED)
     model.train()
     optim = optim_section(iters)
     opt = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps)
@@ -174,8 +178,8 @@ def run_plain(iters: int, train: np.ndarray, size: int, out: pathlib.Path) -> di
     rng = np.random.default_rng(SEED)
     t_train = time.perf_counter()
     for it in range(1, iters + 1):
-        starts = rng.integers(0, len(train) - SEQ, BATCH)  # nanoGPT: random windows
-        ids = torch.from_numpy(np.stack([train[s:s + SEQ] for s in starts]))
+        starts = rng.integers(0, len(train) - SEQ, BATCH)  # nanoGPT: random windows, 64 targets each
+        ids = torch.from_numpy(np.stack([train[s:s + SEQ + 1] for s in starts]))
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,8 +198,9 @@ def run_plain(iters: int, train: np.ndarray, size: int, out: pathlib.Path) -> di
 # -- lmjobs -------------------------------------------------------------------------------------
 
 def write_packed(train: np.ndarray, size: int, chars: list[str] | None, out: pathlib.Path) -> str:
-    """The train split as lmjobs packed shards: SEQ-token blocks at offsets 0 and SEQ/2 (every text
-    position starts a block in one of two alignments), plus a tokenizer for the export."""
+    """The train split as lmjobs packed shards: SEQ + 1-token blocks (SEQ targets each) every SEQ
+    tokens, at offsets 0 and SEQ/2 (every text position starts a block in one of two alignments), plus
+    a tokenizer for the export."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer, models
@@ -203,13 +208,14 @@ def write_packed(train: np.ndarray, size: int, chars: list[str] | None, out: pat
     from data_pipelines.tokenizer import EOS
 
     out.mkdir(parents=True, exist_ok=True)
-    blocks = [train[o:o + (len(train) - o) // SEQ * SEQ].reshape(-1, SEQ) for o in (0, SEQ // 2)]
+    windows = np.lib.stride_tricks.sliding_window_view(train, SEQ + 1)
+    blocks = [windows[o::SEQ] for o in (0, SEQ // 2)]
     ids = np.concatenate(blocks).astype(np.int32)
     pq.write_table(pa.table({"input_ids": pa.array(list(ids), type=pa.list_(pa.int32()))}), out / "train-00000.parquet")
     symbols = chars if chars is not None else [f"<0x{b:02X}>" for b in range(256)]
     tokenizer = Tokenizer(models.WordLevel({s: i for i, s in enumerate([*symbols, EOS])}, unk_token=EOS))
     (out / "tokenizer.json").write_text(tokenizer.to_str())
-    manifest = {"seq_len": SEQ, "shards": {"train": ["train-00000.parquet"], "val": []},
+    manifest = {"seq_len": SEQ + 1, "shards": {"train": ["train-00000.parquet"], "val": []},
                 "sequences": {"train": len(ids), "val": 0}, "tokenizer": {"path": "tokenizer.json"}}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return str(out / "manifest.json")
@@ -224,7 +230,7 @@ def lmjobs_spec(name: str, workers: int, precision: str, zero: int, iters: int, 
         # one whole CPU left to Ray Data's read tasks; torch threads: the node's cores over the workers
         "scaling": {"num_workers": workers, "cpus_per_worker": (CPUS - 1) / workers, "embedded_num_cpus": CPUS},
         "model": MODEL.model_dump(),
-        "data": {"source": manifest, "seq_len": SEQ, "val_blocks": 0},
+        "data": {"source": manifest, "seq_len": SEQ + 1, "val_blocks": 0},
         "optim": optim_section(iters).model_dump(),
         "deepspeed": {"zero_stage": zero, "precision": precision},
         "train": {"steps": iters, "micro_batch_size": BATCH // workers, "seed": SEED, "log_every": log_every,
@@ -255,11 +261,12 @@ def run_lmjobs(spec: PretrainSpec, timeout_s: int) -> dict:
         signal.alarm(0)
         ray.shutdown()
     history = [json.loads(line) for line in pathlib.Path(result["metrics"]).read_text().splitlines() if line]
-    per_step = spec.global_batch_size * spec.data.seq_len
+    per_step = spec.global_batch_size * spec.data.seq_len  # what the trainer's tokens/s counts
+    targets = spec.global_batch_size * (spec.data.seq_len - 1)  # what nanoGPT's counts
     windows, prev = [], 0  # each metrics line covers the steps since the previous one
     for m in history:
         steps = m["step"] - prev
-        windows.append((steps * per_step, steps * per_step / m["tokens_per_s"]))
+        windows.append((steps * targets, steps * per_step / m["tokens_per_s"]))
         prev = m["step"]
     steady = windows[1:] or windows  # the first window also waits for the data pipeline to start
     tokens, train_s = sum(w[0] for w in steady), sum(w[1] for w in steady)
@@ -292,7 +299,9 @@ def main() -> int:
     checkout = pathlib.Path(args.nanogpt).expanduser() if args.nanogpt else None
     if checkout is not None and not (checkout / "train.py").exists():
         parser.error(f"--nanogpt {checkout}: no train.py there")
-    report: dict = {"iters": args.iters, "global_batch": BATCH, "seq_len": SEQ, "family": MODEL.family,
+    from lmjobs.device import cpu_kind
+
+    report: dict = {"cpu": cpu_kind(), "iters": args.iters, "global_batch": BATCH, "seq_len": SEQ, "family": MODEL.family,
                     "nanogpt_checkout": str(checkout) if checkout else None, "vocabularies": {}}
     with tempfile.TemporaryDirectory(prefix="b1-") as tmp:
         tmp = pathlib.Path(tmp)
@@ -349,6 +358,7 @@ def _ratios(results: dict) -> None:
 def _table(report: dict, out: str) -> None:
     print(f"\nB1 pre-training, {report['iters']} iterations x {BATCH} x {SEQ} tokens, {CPUS} CPUs, "
           f"{report['family']} for plain and lmjobs")
+    print(f"CPU: {report.get('cpu', 'not recorded')}")
     print(f"{'vocab':<6}{'variant':<15}{'prec':<15}{'train tok/s':>12}{'wall s':>9}{'val loss':>10}{'MFU':>7}"
           f"{'vs nanoGPT':>12}")
     for vocab, block in report["vocabularies"].items():

@@ -154,7 +154,9 @@ def main() -> int:
                            spec_for(tmp / "corpus", tmp / "out-14x8", 14, 8)])
     n = corpus["documents"]
     peer_s = peer["wall_s"]
-    report = {"documents": n, "planted_near": corpus["planted_near"], "planted_exact": corpus["planted_exact"],
+    from lmjobs.device import cpu_kind
+
+    report = {"cpu": cpu_kind(), "documents": n, "planted_near": corpus["planted_near"], "planted_exact": corpus["planted_exact"],
               "cluster_start_s": round(ours["cluster_start_s"], 2),
               "peer_hf_datasets": {"wall_s": round(peer_s, 2), "docs_per_s": n / peer_s, "kept": peer["kept"],
                                    **dedup_quality(peer["statuses"], corpus["truth"], texts)}}
@@ -171,6 +173,7 @@ def main() -> int:
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\nB2 corpus pipeline: {n} documents ({corpus['planted_near']} near + {corpus['planted_exact']} exact "
           f"duplicates planted), 2 CPUs")
+    print(f"CPU: {report['cpu']}")
     print(f"{'':<26}{'LSH':>6}{'wall s':>8}{'docs/s':>8}{'vs peer':>9}{'near recall':>13}{'dup recall':>12}{'precision':>11}")
     rows = [("hf datasets (peer)", f"{args.bands}x{args.rows}", report["peer_hf_datasets"])]
     rows += [(f"lmjobs {k.split('_')[1]}", report[k]["lsh"], report[k]) for k in ("lmjobs_cold", "lmjobs_warm", "lmjobs_14x8")]

@@ -124,8 +124,11 @@ def main(argv=None) -> int:
             rows["lmjobs ppo"] = run_lmjobs(config, here, "lmjobs-ppo", [
                 "algorithm=ppo", "kl.where=reward", "critic.lr=5e-5", "ppo.minibatch_size=8"])
         results[name] = rows
-    (out / "b3.json").write_text(json.dumps(results, indent=1))
-    print()
+    from lmjobs.device import cpu_kind
+
+    cpu = cpu_kind()
+    (out / "b3.json").write_text(json.dumps({"cpu": cpu, **results}, indent=1))
+    print(f"\nCPU: {cpu}")
     print(f"{'config':<11} {'side':<12} {'compl/s':>8} {'x TRL':>6} {'s/step':>7} {'reward 1st q':>12} "
           f"{'last q':>7} {'gain':>6} {'KL last':>8}")
     for name, rows in results.items():

@@ -120,9 +120,13 @@ def main() -> None:
         print(f"[b4] {name}: best {best.get('value')} with {best.get('params')}; "
               f"{budget['trial_epochs']:.2f} trial-epochs, {budget['cpu_seconds']:.0f} CPU-s", flush=True)
     grid = rows.get("grid")
+    from lmjobs.device import cpu_kind
+
+    cpu = cpu_kind()
     print(f"\nB4 on {args.train_rows} SST-2 train rows / {args.dev_rows} dev rows, all-MiniLM-L6-v2, {args.epochs:g} "
           f"epoch(s) a trial, ASHA grace {args.grace:g} epoch, reduction factor {args.reduction_factor:g}; space "
           f"{settings} settings ({', '.join(f'{k} {v}' for k, v in values.items())}), Optuna {optuna_trials} trials")
+    print(f"CPU: {cpu}")
     print(f"{'campaign':<13}{'trials':>7}{'stopped':>9}{'best dev acc':>14}{'vs grid':>9}"
           f"{'trial-epochs':>14}{'of grid':>9}{'CPU-s':>8}{'of grid':>9}{'wall s':>8}")
     for name, r in rows.items():
@@ -138,7 +142,7 @@ def main() -> None:
                 print(f"goal (within 1 % of the grid's best at <= 1/3 of its trial-epochs), {name}: "
                       f"{'met' if met else 'NOT met'}")
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(args.out).write_text(json.dumps({"train_rows": args.train_rows, "dev_rows": args.dev_rows,
+    pathlib.Path(args.out).write_text(json.dumps({"cpu": cpu, "train_rows": args.train_rows, "dev_rows": args.dev_rows,
                                                   "epochs": args.epochs, "grace": args.grace,
                                                   "reduction_factor": args.reduction_factor, "space": values,
                                                   "optuna_trials": optuna_trials, "campaigns": rows}, indent=2))

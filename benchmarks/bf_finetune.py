@@ -144,6 +144,10 @@ def main() -> int:
             results[variant] = run
             print(f"[{variant}] {run['seconds']:.1f}s, {run['rows_per_s']:.1f} rows/s, dev accuracy "
                   f"{run['dev_accuracy']:.4f}", flush=True)
+    from lmjobs.device import cpu_kind
+
+    results["cpu"] = cpu_kind()
+    print(f"CPU: {results['cpu']}")
     if {"plain", "lmjobs"} <= set(results):
         ratio = results["lmjobs"]["rows_per_s"] / results["plain"]["rows_per_s"]
         results["ratio_rows_per_s"] = ratio

@@ -137,9 +137,7 @@ def measure(device: torch.device, names: Iterable[str] = ("fp32", "bf16"), budge
 
 
 # -- the node cache -------------------------------------------------------------------------------
-def _cpu_identity() -> str:
-    """CPU model plus the ISA flags that decide matmul kernels (one model name, e.g. "AMD EPYC",
-    covers generations with and without AVX-512)."""
+def _cpu_model_and_flags() -> tuple[str, set[str]]:
     model, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
@@ -149,8 +147,28 @@ def _cpu_identity() -> str:
                 elif line.startswith(("flags", "Features")) and ":" in line:
                     flags = set(line.split(":", 1)[1].split())
                     break
+    return model, flags
+
+
+def _cpu_identity() -> str:
+    """CPU model plus the ISA flags that decide matmul kernels (one model name, e.g. "AMD EPYC",
+    covers generations with and without AVX-512)."""
+    model, flags = _cpu_model_and_flags()
     isa = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sve", "asimd")))
     return f"{model} [{' '.join(isa)}]"
+
+
+def cpu_kind() -> str:
+    """One line naming this CPU's kind for benchmark tables: the model, whether it has native bf16
+    matmuls (AVX-512 BF16 / AMX), and the kernels torch picked (ATEN_CPU_CAPABILITY limits them)."""
+    model, flags = _cpu_model_and_flags()
+    bf16 = "avx512_bf16" in flags
+    amx = bool({"amx_bf16", "amx_tile"} & flags)
+    kind = ("AVX-512 BF16 + AMX" if bf16 and amx else "AVX-512 BF16, no AMX" if bf16
+            else "AVX-512, no BF16/AMX" if "avx512f" in flags else "AVX2 only, no AVX-512 BF16/AMX"
+            if "avx2" in flags else "no AVX2")
+    return (f"{model}, {os.cpu_count()} cores: {kind}; torch kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}")
 
 
 def device_key(device: torch.device, threads: int | None = None) -> dict:
