@@ -270,7 +270,7 @@ def test_lean_gpt_trains_with_bf16_autocast_and_a_second_job_reads_the_device_ca
     from lmjobs.device import resolve_precision
 
     again = run(load_spec(TINY, KINDS, [f"output.root={tmp_path}", "name=auto", "train.steps=2",
-                                        "train.log_every=1", "deepspeed.precision=auto"]))
+                                        "optim.warmup_steps=1", "train.log_every=1", "deepspeed.precision=auto"]))
     probed = json.loads(storage.read_text(storage.join(again["checkpoint"], "train_state.json")))
     assert probed["device_probe"]["cached"] is True and probed["device_probe"]["seconds"] == 0.0
     assert probed["device_probe"]["rates"] == state["device_probe"]["rates"]
