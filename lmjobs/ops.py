@@ -7,14 +7,27 @@ is torch's AdamW, see lmjobs.strategy; ZeRO-Offload builds DeepSpeed's CPU Adam 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 OPS = ("ShareMemCommBuilder",)
 
 
+def use_environment_ninja() -> None:
+    """Put this environment's `ninja` first on PATH.  torch runs whichever `ninja` PATH finds, and
+    two versions (the venv's pip `ninja` and a system one) keep logs ninja cannot share: each finds
+    the other's log stale and rebuilds the op (a minute of two cores) in every job that alternates."""
+    bindir = os.path.dirname(sys.executable)
+    if os.path.exists(os.path.join(bindir, "ninja")):
+        path = os.environ.get("PATH", "").split(os.pathsep)
+        if path[:1] != [bindir]:
+            os.environ["PATH"] = os.pathsep.join([bindir, *(p for p in path if p != bindir)])
+
+
 def build(names=OPS) -> None:
     from deepspeed.accelerator import get_accelerator
 
+    use_environment_ninja()
     where = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
     for name in names:
         t0 = time.perf_counter()

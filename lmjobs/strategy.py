@@ -90,6 +90,10 @@ class DeepSpeedStrategy:
     def setup(self, model: torch.nn.Module):
         import deepspeed
 
+        from lmjobs.ops import use_environment_ninja
+
+        use_environment_ninja()  # the ninja that built the ops: another would rebuild them
+
         # Ray Train already formed the process group; DeepSpeed adopts it (and prints that its
         # shared-memory op "built successfully" on every rank: kept off the console)
         with contextlib.redirect_stdout(io.StringIO()):
