@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean testbed-up testbed-down
 
 install: $(STAMP) $(OPS_STAMP)
 
@@ -50,6 +50,14 @@ bench: install
 	$(PY) benchmarks/b2_corpus.py
 	$(PY) benchmarks/bf_finetune.py
 	$(PY) benchmarks/b3_rlhf.py --config throughput
+
+# a 3-node cluster on this machine whose worker nodes share no filesystem (root: unshare --mount);
+# `eval $$(.venv/bin/python -m cluster.testbed status --env)` points lmjobs commands at it
+testbed-up: install
+	$(PY) -m cluster.testbed up
+
+testbed-down:
+	$(PY) -m cluster.testbed down
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

@@ -1,0 +1,109 @@
+"""The multi-node test cluster (cluster/testbed.py): a 0-CPU head and 2 worker nodes, each in its
+own mount namespace, sharing only Ray and an S3 server on 127.0.0.1 (slow; needs root, as CI has).
+
+Run in a subprocess driver so it never meets the session's embedded cluster in this process."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+# A driver on the testbed: where each task ran, and what it could read that another wrote.
+PROBE = r"""
+import json, os, socket, sys
+import ray
+
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+path = sys.argv[1]
+
+@ray.remote(num_cpus=1)
+def write(text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return ray.get_runtime_context().get_node_id()
+
+@ray.remote(num_cpus=1)
+def read():
+    return ray.get_runtime_context().get_node_id(), (open(path).read() if os.path.exists(path) else None)
+
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
+workers = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0)
+head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and not n["Resources"].get("CPU", 0)]
+wrote_on = ray.get(write.options(scheduling_strategy=On(workers[0], soft=False)).remote("from node 1"))
+same = ray.get(read.options(scheduling_strategy=On(workers[0], soft=False)).remote())
+other = ray.get(read.options(scheduling_strategy=On(workers[1], soft=False)).remote())
+print(json.dumps({"workers": len(workers), "heads_without_cpu": len(head), "wrote_on": wrote_on,
+                  "same_node": same, "other_node": other, "driver_sees": os.path.exists(path)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory):
+    """The 3-node cluster for this module; its state file in a private LMJOBS_HOME."""
+    from cluster import testbed as tb_module
+
+    home = tmp_path_factory.mktemp("testbed-home")
+    old = os.environ.get("LMJOBS_HOME")
+    os.environ["LMJOBS_HOME"] = str(home)
+    tb = tb_module.up(workers=2, cpus_per_worker=1)
+    try:
+        yield tb
+    finally:
+        tb_module.down(tb)
+        if old is None:
+            os.environ.pop("LMJOBS_HOME", None)
+        else:
+            os.environ["LMJOBS_HOME"] = old
+
+
+def driver(tb, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, **tb.env(), "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=REPO)
+
+
+def test_nodes_share_no_filesystem(testbed, tmp_path):
+    """A file a task writes under /tmp on one worker node exists there, and not on the other
+    worker node nor for the driver: a shared path would fail this test."""
+    target = str(tmp_path / "run" / "written-by-node-1.txt")
+    out = driver(testbed, PROBE, target)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["workers"] == 2 and seen["heads_without_cpu"] == 1
+    assert seen["same_node"] == [seen["wrote_on"], "from node 1"]
+    assert seen["other_node"][0] != seen["wrote_on"] and seen["other_node"][1] is None
+    assert seen["driver_sees"] is False
+
+
+COUNT = r"""
+import json, os, ray
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR", log_to_driver=False)
+
+@ray.remote(num_cpus=1)
+def where():
+    return ray.get_runtime_context().get_node_id()
+
+alive = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+print(json.dumps({"alive": len(alive), "ran_on": sorted(set(ray.get([where.remote() for _ in range(4)])))}))
+"""
+
+
+def test_a_lost_node_leaves_the_cluster_and_a_replacement_joins(testbed):
+    from cluster import testbed as tb_module
+
+    node = testbed.nodes[1]
+    killed = tb_module.stop_node(testbed, node)
+    assert killed >= 2 and not tb_module.node_processes(node)  # its raylet and workers, all of them
+    out = driver(testbed, COUNT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["alive"] == 1 and len(seen["ran_on"]) == 1  # work goes on on the remaining node
+    tb_module.start_node(testbed, node)
+    out = driver(testbed, COUNT)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["alive"] == 2
