@@ -128,24 +128,31 @@ def _processes(cluster: LocalCluster) -> list[psutil.Process]:
     return [p for p in found.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def terminate(procs: list[psutil.Process], grace_s: float = 15.0) -> None:
+    """SIGTERM to every process, SIGKILL to those alive after grace_s (0: SIGKILL at once, as a
+    machine that is lost); returns once they are gone."""
+    if grace_s > 0:
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        _, procs = psutil.wait_procs(procs, timeout=grace_s)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
 def down(grace_s: float = 15.0) -> int:
     """Stop what `up` started; returns how many processes were stopped."""
     cluster = LocalCluster.load()
     if cluster is None:
         return 0
     procs = _processes(cluster)
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
+    terminate(procs, grace_s)
     left = _processes(cluster)
     if left:
         raise RuntimeError(f"processes of the local cluster survived: {[p.pid for p in left]}")

@@ -8,7 +8,7 @@ worker node.  Each worker node is started inside its own mount namespace (`unsha
 or on the driver.  What the nodes do share is the software image (the repository and its virtual
 environment, as every node of a cloud cluster runs the same image), Ray (GCS, object store) and
 the S3-protocol server (moto) on 127.0.0.1.  Every node gets its own loopback address
-(127.0.0.1 the head, 127.0.0.2, 127.0.0.3, ... the workers), so Ray tells them apart.
+(127.0.0.10 the head, 127.0.0.2, 127.0.0.3, ... the workers), so Ray tells them apart.
 
     python -m cluster.testbed up [--workers 2] [--cpus-per-worker 1]   # prints the addresses
     python -m cluster.testbed status
@@ -26,7 +26,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,8 +35,13 @@ from dataclasses import asdict, dataclass, field
 import psutil
 
 from cluster.connect import LOOPBACK, ensure_local_token, ensure_token_auth
+from cluster.local import _ray_bin, terminate
 
 PRIVATE_PATHS = ("/tmp", "~/.cache/lmjobs")  # a tmpfs over each, inside every worker node
+# The head's address: a loopback address other than 127.0.0.1, which Ray 2.60 replaces with the
+# machine's own address (resolve_ip_for_localhost); there it would share a node IP with any other
+# Ray instance on the machine (an embedded cluster), and the second one fails to start
+HEAD_IP = "127.0.0.10"
 
 
 def _state_file() -> pathlib.Path:
@@ -48,11 +52,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
-
-
-def _ray_bin() -> str:
-    exe = pathlib.Path(sys.executable).with_name("ray")
-    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
 
 
 @dataclass
@@ -107,7 +106,7 @@ def _alive_nodes(address: str) -> dict[str, float]:
     """{node ip: CPUs} of the cluster's live nodes, from the GCS (no driver needed)."""
     out = subprocess.run([_ray_bin(), "list", "nodes", "--format", "json", "--filter", "state=ALIVE",
                           "--limit", "1000"], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"})
+                         env={**_node_env(), "RAY_ADDRESS": address})
     if out.returncode != 0:
         return {}
     try:
@@ -115,6 +114,24 @@ def _alive_nodes(address: str) -> dict[str, float]:
     except json.JSONDecodeError:
         return {}
     return {r["node_ip"]: float((r.get("resources_total") or {}).get("CPU", 0)) for r in rows}
+
+
+def _node_env() -> dict[str, str]:
+    """The environment of the cluster's processes: this one's, less what a Ray driver in this
+    process set for itself (a node started with it never finishes starting), with token auth and
+    this environment's executables first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_CLIENT_MODE", "PYTHONBREAKPOINT", "RAY_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "token"
+    # a raylet on a busy 2-core machine can take longer than Ray's 10 s to register
+    env.setdefault("RAY_raylet_start_wait_time_s", "120")
+    env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _own_ports() -> list[str]:
+    """Ports a node would otherwise take at fixed defaults (the dashboard agent's 52365): another
+    Ray instance on the machine already holds them, and the node then never comes up."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
 
 
 def _start_s3() -> tuple[str, int]:
@@ -137,10 +154,9 @@ def start_node(tb: Testbed, node: Node, timeout_s: float = 120.0) -> Node:
         path = os.path.expanduser(path)
         mounts.append(f"mkdir -p {path} && mount -t tmpfs -o mode=1777 lmjobs-node{node.index} {path}")
     ray_start = " ".join([_ray_bin(), "start", f"--address={tb.address}", f"--node-ip-address={node.ip}",
-                          f"--num-cpus={node.cpus:g}", "--disable-usage-stats", "--block"])
+                          f"--num-cpus={node.cpus:g}", *_own_ports(), "--disable-usage-stats", "--block"])
     script = " && ".join([*mounts, f"exec {ray_start}"])
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
-           "PATH": os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = _node_env()
     if tb.s3_endpoint:
         env["AWS_ENDPOINT_URL"] = tb.s3_endpoint
     log_path = pathlib.Path(tb.head_temp_dir) / f"node{node.index}.log"  # in the driver's view of /tmp
@@ -188,19 +204,14 @@ def stop_node(tb: Testbed, node: Node, wait_dead_s: float = 60.0) -> int:
     """A node lost: SIGKILL to every process of the node (raylet, workers, actors) at once; waits
     until the GCS sees it dead.  Returns how many processes were killed."""
     procs = node_processes(node)
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=10)
+    terminate(procs, grace_s=0)
     _wait_for(lambda: node.ip not in _alive_nodes(tb.address), wait_dead_s,
               f"the GCS still lists node {node.index} as alive")
     return len(procs)
 
 
 def up(workers: int = 2, cpus_per_worker: float = 1.0, s3: bool = True, timeout_s: float = 180.0) -> Testbed:
-    """A 0-CPU head on 127.0.0.1, `workers` worker nodes in private mount namespaces, and (s3) a
+    """A 0-CPU head on 127.0.0.10, `workers` worker nodes in private mount namespaces, and (s3) a
     moto S3 server on 127.0.0.1."""
     ensure_token_auth()
     ensure_local_token()
@@ -211,14 +222,14 @@ def up(workers: int = 2, cpus_per_worker: float = 1.0, s3: bool = True, timeout_
         raise RuntimeError("testbed: `unshare` (util-linux) is needed")
     port, dash = _free_port(), _free_port()
     temp_dir = f"/tmp/lmjobs-testbed-{port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
-           "PATH": os.pathsep.join([str(pathlib.Path(sys.executable).parent), os.environ.get("PATH", "")])}
-    head = subprocess.Popen([_ray_bin(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={port}",
+    env = _node_env()
+    head = subprocess.Popen([_ray_bin(), "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}",
                              f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dash}", "--num-cpus=0",
-                             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                             f"--temp-dir={temp_dir}", f"--ray-client-server-port={_free_port()}", *_own_ports(),
+                             "--disable-usage-stats"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
-    tb = Testbed(address=f"{LOOPBACK}:{port}", dashboard_url=f"http://{LOOPBACK}:{dash}", s3_endpoint=None,
+    tb = Testbed(address=f"{HEAD_IP}:{port}", dashboard_url=f"http://{LOOPBACK}:{dash}", s3_endpoint=None,
                  head_temp_dir=temp_dir, head_pgid=head.pid)
     tb.save()  # before waiting: a failed start is still cleaned up by `down`
     out, _ = head.communicate(timeout=timeout_s)
@@ -266,35 +277,17 @@ def down(tb: Testbed | None = None) -> int:
     for node in tb.nodes:
         if node.namespace:
             procs = node_processes(node)
-            for p in procs:
-                with _quiet():
-                    p.kill()
-            psutil.wait_procs(procs, timeout=10)
+            terminate(procs, grace_s=0)
             stopped += len(procs)
     procs = _head_processes(tb)
     if tb.s3_pid and psutil.pid_exists(tb.s3_pid):
         procs.append(psutil.Process(tb.s3_pid))
-    for p in procs:
-        with _quiet():
-            p.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=15)
-    for p in alive:
-        with _quiet():
-            p.kill()
-    psutil.wait_procs(alive, timeout=5)
+    terminate(procs)
     stopped += len(procs)
     shutil.rmtree(tb.head_temp_dir, ignore_errors=True)
     if _state_file().is_file() and json.loads(_state_file().read_text())["address"] == tb.address:
         _state_file().unlink()
     return stopped
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        return kind is not None and issubclass(kind, psutil.Error)
 
 
 def main(argv: list[str] | None = None) -> int:
