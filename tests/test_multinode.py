@@ -44,7 +44,7 @@ print(json.dumps({"workers": len(workers), "heads_without_cpu": len(head), "wrot
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
+def three_nodes(tmp_path_factory):
     """The 3-node cluster for this module; its state file in a private LMJOBS_HOME."""
     from cluster import testbed as tb_module
 
@@ -68,11 +68,11 @@ def driver(tb, script: str, *args: str, timeout: int = 300) -> subprocess.Comple
                           env=env, timeout=timeout, cwd=REPO)
 
 
-def test_nodes_share_no_filesystem(testbed, tmp_path):
+def test_nodes_share_no_filesystem(three_nodes, tmp_path):
     """A file a task writes under /tmp on one worker node exists there, and not on the other
     worker node nor for the driver: a shared path would fail this test."""
     target = str(tmp_path / "run" / "written-by-node-1.txt")
-    out = driver(testbed, PROBE, target)
+    out = driver(three_nodes, PROBE, target)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["workers"] == 2 and seen["heads_without_cpu"] == 1
@@ -94,16 +94,16 @@ print(json.dumps({"alive": len(alive), "ran_on": sorted(set(ray.get([where.remot
 """
 
 
-def test_a_lost_node_leaves_the_cluster_and_a_replacement_joins(testbed):
+def test_a_lost_node_leaves_the_cluster_and_a_replacement_joins(three_nodes):
     from cluster import testbed as tb_module
 
-    node = testbed.nodes[1]
-    killed = tb_module.stop_node(testbed, node)
+    node = three_nodes.nodes[1]
+    killed = tb_module.stop_node(three_nodes, node)
     assert killed >= 2 and not tb_module.node_processes(node)  # its raylet and workers, all of them
-    out = driver(testbed, COUNT)
+    out = driver(three_nodes, COUNT)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["alive"] == 1 and len(seen["ran_on"]) == 1  # work goes on on the remaining node
-    tb_module.start_node(testbed, node)
-    out = driver(testbed, COUNT)
+    tb_module.start_node(three_nodes, node)
+    out = driver(three_nodes, COUNT)
     assert json.loads(out.stdout.strip().splitlines()[-1])["alive"] == 2
