@@ -98,10 +98,34 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     # stay out of its console (a submitted job's environment is the submitter's to set)
     env_vars = {"PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning"),
                 **((runtime_env or {}).get("env_vars") or {})}
-    ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, _node_ip_address=LOOPBACK,
-             runtime_env={**(runtime_env or {}), "env_vars": env_vars}, **common)
+    for attempt in range(3):
+        # The GCS port is chosen here, so that every process of the job can be told its cluster's
+        # address (RAY_ADDRESS).  Without it, Ray Train's PlacementGroupCleaner asks the State API for
+        # "the" cluster and fails with "Found multiple active Ray instances" whenever another job's
+        # embedded cluster runs on the same machine.
+        port = _free_port()
+        env_vars["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
+                     _node_ip_address=LOOPBACK, runtime_env={**(runtime_env or {}), "env_vars": env_vars}, **common)
+            break
+        except Exception as error:  # the port was taken between the probe and the GCS binding it
+            if attempt == 2 or "port" not in str(error).lower():
+                raise
+            ray.shutdown()
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
     _embedded = ray.get_runtime_context().gcs_address
     return {"address": _embedded, "embedded": True}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 def is_embedded() -> bool:

@@ -45,3 +45,34 @@ def test_a_fresh_machine_gets_a_private_token_before_ray_start(tmp_path, monkeyp
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "absent"))
     with pytest.raises(RuntimeError, match="RAY_AUTH_TOKEN_PATH"):
         ensure_local_token()
+
+
+@pytest.mark.slow
+def test_two_embedded_jobs_started_together_both_finish(tmp_path):
+    """Two `lmjobs pretrain` processes, each with its own embedded cluster, at the same time on this
+    machine (beside the test session's cluster): both finish.  Without each job's processes being
+    told their cluster's address, Ray Train's placement-group cleaner meets several Ray instances on
+    the machine and refuses to pick one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "lmjobs.cli", "pretrain", "lmjobs/recipes/tiny.yaml", "--set", "train.steps=4",
+               "--set", "train.log_every=2", "--set", "scaling.num_workers=1"]
+    jobs = [subprocess.Popen([*command, "--set", f"output.root={tmp_path / name}"], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]
+    outputs = [job.communicate(timeout=400)[0] for job in jobs]
+    for job, output in zip(jobs, outputs):
+        assert job.returncode == 0, output[-3000:]
+        assert "multiple active Ray instances" not in output, output[-3000:]
+    for name in ("a", "b"):
+        steps = [json.loads(line) for line in (tmp_path / name / "tiny" / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in steps] == [2, 4]
+    # the same spec, the same seed: two separate clusters computed the same run
+    first, second = ([json.loads(line)["loss"] for line in (tmp_path / n / "tiny" / "metrics.jsonl").read_text().splitlines()]
+                     for n in ("a", "b"))
+    assert first == second
