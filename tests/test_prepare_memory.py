@@ -71,11 +71,11 @@ def _measure(corpus, warmup, out) -> dict:
 @pytest.mark.slow
 def test_peak_memory_flat_when_corpus_grows_10x(tmp_path):
     _corpus(tmp_path / "warmup", 200, 1, seed=1)
-    _corpus(tmp_path / "x1", 5_000, 2, seed=2)
-    _corpus(tmp_path / "x10", 50_000, 20, seed=3)
+    _corpus(tmp_path / "x1", 3_000, 2, seed=2)
+    _corpus(tmp_path / "x10", 30_000, 20, seed=3)
     small = _measure(tmp_path / "x1", tmp_path / "warmup", tmp_path / "out1")
     large = _measure(tmp_path / "x10", tmp_path / "warmup", tmp_path / "out10")
-    assert (small["read"], large["read"]) == (5_000, 50_000)
+    assert (small["read"], large["read"]) == (3_000, 30_000)
     mib = {k: {f: v[f] >> 20 for f in ("idle", "peak")} for k, v in (("x1", small), ("x10", large))}
     print(f"memory MiB {mib}")
     assert large["peak"] <= 1.5 * small["peak"], mib

@@ -260,7 +260,7 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, keyword_t
     from lmjobs.tune.driver import run
 
     body = _campaign(keyword_task, "pbt", budget={"num_trials": 2}, space={"optim.lr": {"loguniform": [1e-3, 3e-2]}},
-                     scheduler={"kind": "pbt", "perturbation_interval": 0.5, "quantile_fraction": 0.5,
+                     scheduler={"kind": "pbt", "perturbation_interval": 1.0, "quantile_fraction": 0.5,
                                 "resample_probability": 0.5, "mutations": {"optim.lr": {"loguniform": [1e-3, 3e-2]}}},
                      seed=3)
     spec = load_spec(_write(keyword_task["tmp"], body), KINDS)
