@@ -111,7 +111,7 @@ def test_campaign_spec_errors_name_the_field(keyword_task, tmp_path):
 
 
 def test_concurrency_is_derived_from_resources(keyword_task, tmp_path):
-    from lmjobs.tune.driver import concurrency, fits
+    from lmjobs.tune.driver import _threads, concurrency, fits
 
     spec = load_spec(_write(tmp_path, _campaign(keyword_task, "fit")), KINDS)
     # 2 CPUs: two trials of one 0.5-CPU worker and a 0.1-CPU driver, and Ray Data keeps 0.5;
@@ -123,6 +123,16 @@ def test_concurrency_is_derived_from_resources(keyword_task, tmp_path):
     assert concurrency(spec.model_copy(update={"max_concurrent_trials": 3}), 2, 0, embedded=False) == 3
     with pytest.raises(RuntimeError, match="Lower trial.cpus_per_worker"):
         concurrency(spec, 1, 0, embedded=True)
+    # a remote cluster with no worker CPU yet (0-CPU head, min_workers 0): a campaign starts, one
+    # trial at a time unless the spec asks for more, and its demand makes the autoscaler add nodes
+    assert concurrency(spec, 0, 0, embedded=False) == 1
+    assert concurrency(spec.model_copy(update={"max_concurrent_trials": 4}), 0, 0, embedded=False) == 4
+    assert concurrency(spec, 16, 0, embedded=False) == 8  # what fits now, at most the budget's trials
+    # threads: the node's cores shared on the embedded cluster; the reserved CPUs on a remote one
+    assert _threads(spec, 2, 2) == 1 and _threads(spec, 16, 2) == 8
+    assert _threads(spec, 16, 2, embedded=False) == 1
+    wide = spec.model_copy(update={"trial": spec.trial.model_copy(update={"cpus_per_worker": 4})})
+    assert _threads(wide, 0, 1, embedded=False) == 4
     gpu = spec.model_copy(update={"trial": spec.trial.model_copy(update={"use_gpu": True, "num_workers": 2})})
     assert fits(gpu, 64, 4) == 2  # GPUs bound it: 2 workers a trial on 4 GPUs
 

@@ -51,7 +51,15 @@ def fits(spec: TuneSpec, cpus: float, gpus: float) -> int:
 
 
 def concurrency(spec: TuneSpec, cpus: float, gpus: float, embedded: bool) -> int:
+    """Trials at once.  The embedded cluster is all there is: what fits it (or an error naming what
+    is missing).  A remote cluster may autoscale, and the shipped cloud clusters start with a
+    0-CPU head and no worker: what fits now is a floor there, never a reason to refuse; without
+    `max_concurrent_trials` the campaign runs what fits now, at least one trial, whose demand makes
+    the autoscaler add a node."""
     n = fits(spec, cpus, gpus)
+    asked = spec.max_concurrent_trials
+    if not embedded:
+        return asked if asked is not None else max(1, min(n, spec.num_trials))
     if n == 0:
         raise RuntimeError(
             f"trial: one trial holds {spec.trial_cpus:g} CPUs ({spec.trial.num_workers} workers x "
@@ -59,17 +67,20 @@ def concurrency(spec: TuneSpec, cpus: float, gpus: float, embedded: bool) -> int
             + (f" and {spec.trial.num_workers} GPUs" if spec.trial.use_gpu else "")
             + f", plus {runner.DATA_CPUS:g} CPU for Ray Data; the cluster has {cpus:g} CPUs, {gpus:g} GPUs. "
               "Lower trial.cpus_per_worker or trial.num_workers")
-    asked = spec.max_concurrent_trials
     if asked is None:
         return min(n, spec.num_trials)
-    if asked > n and embedded:
+    if asked > n:
         raise RuntimeError(f"max_concurrent_trials: {asked} trials do not fit this {cpus:g}-CPU cluster at once "
                            f"(each holds {spec.trial_cpus:g} CPUs, Ray Data {runner.DATA_CPUS:g}); at most {n}")
-    return asked  # a remote cluster may autoscale to fit more than it has now
+    return asked
 
 
-def _threads(spec: TuneSpec, node_cpus: float, running: int) -> int:
-    """Torch threads a worker: the node's cores shared among the workers of the trials at once."""
+def _threads(spec: TuneSpec, node_cpus: float, running: int, embedded: bool = True) -> int:
+    """Torch threads a worker.  On the embedded cluster (one node, known): the node's cores shared
+    among the workers of the trials at once.  On a remote cluster the node a worker lands on is not
+    known here (nor, while it autoscales, its size): the CPUs the worker reserved."""
+    if not embedded:
+        return max(1, int(spec.trial.cpus_per_worker))
     return max(1, int(node_cpus) // max(1, running * spec.trial.num_workers))
 
 
@@ -188,7 +199,7 @@ def run(spec: TuneSpec) -> dict:
     res = ray.cluster_resources()
     running = concurrency(spec, res.get("CPU", 0.0), res.get("GPU", 0.0), joined["embedded"])
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
-    threads = spec.trial.threads_per_worker or _threads(spec, node_cpus, running)
+    threads = spec.trial.threads_per_worker or _threads(spec, node_cpus, running, joined["embedded"])
     storage.write_text(storage.join(cdir, "campaign.yaml"), yaml.safe_dump(resolved_dict(spec), sort_keys=False), cfg)
     print(f"[tune] {spec.name}: {spec.num_trials} trials of {spec.trial.num_workers} worker(s) x "
           f"{spec.trial.cpus_per_worker:g} CPU (+{spec.trial.driver_cpus:g} driver), {running} at once on "
