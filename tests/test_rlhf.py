@@ -178,8 +178,18 @@ def test_lora_policy_syncs_only_its_adapters_and_exports_merged(ray_cluster, tin
 @pytest.mark.ray
 def test_roles_that_do_not_fit_fail_with_the_sizes_not_a_hang(ray_cluster, tiny_gpt2, tmp_path):
     spec = load_spec(write_spec(tmp_path, tiny_gpt2, "grpo", policy__cpus=8, placement_timeout_s=3), KINDS)
-    with pytest.raises(RuntimeError, match=r"placement: the roles need \{'CPU': 8\.4"):
+    with pytest.raises(RuntimeError, match=r"placement: the roles need \{'CPU': 8\.4.*placement_timeout_s"):
         run(spec)
+    import time
+
     import ray
 
+    from lmjobs.rlhf.actors import Placement
+
     assert ray.available_resources().get("CPU", 0) >= 1.5  # nothing left reserved
+    # a cluster that cannot grow (an embedded one) is not waited on: the error comes at once and
+    # names what is missing; one that may autoscale is waited on for placement_timeout_s
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"this cluster has only .*missing \{'CPU': 6\.0\}"):
+        Placement([("policy", 0, {"CPU": 8.0})], "PACK", timeout_s=600, fixed=True)
+    assert time.monotonic() - started < 5

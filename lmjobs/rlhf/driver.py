@@ -153,7 +153,8 @@ class Controller:
         roles = self.roles()
         if spec.placement != "none":
             self.placement = actors.Placement([(role, i, res) for role, (_, count, res, _) in roles.items()
-                                               for i in range(count)], spec.placement, spec.placement_timeout_s)
+                                               for i in range(count)], spec.placement, spec.placement_timeout_s,
+                                               fixed=joined["embedded"])
         classes = {"policy": actors.PolicyActor, "reference": actors.ReferenceActor, "critic": actors.CriticActor,
                    "reward": actors.RewardActor, "rollout": actors.RolloutActor}
         groups = {role: actors.ActorGroup(role, classes[role], count, args, res, restarts, log, self.placement)

@@ -154,7 +154,9 @@ class RlhfSpec(JobSpec):
     # starts (a cluster too small fails with the sizes, not a hang): PACK keeps them on as few
     # nodes as possible (cheap weight sync), SPREAD across nodes; none: no placement group
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "none"] = "PACK"
-    placement_timeout_s: float = Field(120.0, gt=0)
+    # how long to wait for the reservation on a cluster that can grow: a cloud node boots in a few
+    # minutes (the embedded cluster cannot grow: a reservation larger than it fails at once)
+    placement_timeout_s: float = Field(900.0, gt=0)
     policy: RlhfPolicySection
     reference: RlhfReferenceSection = RlhfReferenceSection()
     critic: RlhfCriticSection = RlhfCriticSection()
