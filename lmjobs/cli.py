@@ -18,7 +18,7 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args, kind: str | None):
-    from lmjobs.runner import KINDS, REGISTRY
+    from lmjobs.kinds import KINDS, REGISTRY
 
     overrides = list(args.overrides)
     if getattr(args, "address", None):
@@ -29,7 +29,7 @@ def _load(args, kind: str | None):
 def check_paths(spec, spec_path: str) -> None:
     """Every local path the spec names must exist: `validate` and the job commands answer a missing
     one alike (exit 2, every missing field named) before any cluster work."""
-    from lmjobs.runner import missing_paths
+    from lmjobs.kinds import missing_paths
 
     missing = missing_paths(spec)
     if missing:
@@ -45,12 +45,12 @@ def cmd_validate(args) -> int:
 
 def cmd_kind(args) -> int:
     """Any registered job kind: validate the spec (before any cluster work), run, summarise."""
-    from lmjobs import runner
+    from lmjobs import kinds
 
     spec = _load(args, args.kind)
     check_paths(spec, args.spec)
-    out = runner.run(spec)
-    for line in runner.summary(spec, out):
+    out = kinds.run(spec)
+    for line in kinds.summary(spec, out):
         print(line)
     return 0
 
@@ -167,7 +167,7 @@ def cmd_submit(args) -> int:
     from cluster import jobs
     from cluster.spec import resolved_dict
 
-    from lmjobs.runner import KINDS, REGISTRY
+    from lmjobs.kinds import KINDS, REGISTRY
 
     spec = load_spec(args.spec, KINDS, args.overrides)  # validated before any cluster work; --address is the Jobs API's
     data = resolved_dict(spec)
@@ -224,8 +224,8 @@ def cmd_jobs(args) -> int:
 
 
 def _add_kind_commands(sub, groups: dict) -> None:
-    """One command per registered job kind (lmjobs.runner.REGISTRY): `lmjobs WORDS SPEC.yaml`."""
-    from lmjobs.runner import REGISTRY
+    """One command per registered job kind (lmjobs.kinds.REGISTRY): `lmjobs WORDS SPEC.yaml`."""
+    from lmjobs.kinds import REGISTRY
 
     for kind in REGISTRY.values():
         *group, word = kind.words

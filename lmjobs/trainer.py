@@ -251,7 +251,7 @@ class Trainer:
                                "micro_batches_per_rank": self.state["micro_batches"], **self.task.state_extra(),
                                "precision": self.precision, "device_probe": self.device_probe,
                                # the exact data position: the next step reads stream rows from here on
-                               # (lmjobs.pretrain.data; the stream is a function of the seed)
+                               # (lmjobs.data_plan; the stream is a function of the seed)
                                "data_position": {"stream_row": self.state["step"] * spec.global_batch_size,
                                                  "global_batch": spec.global_batch_size, "seed": spec.train.seed},
                                "config": spec.model_dump(mode="json")}
@@ -270,7 +270,7 @@ class Trainer:
         """Run the remaining optimizer steps; returns the last metrics.
 
         batches: this rank's micro-batches (dicts of columns with `sample_id`) from step
-        `data_start_step` on, in the order of lmjobs.pretrain.data; a resumed run skips the ones
+        `data_start_step` on, in the order of lmjobs.data_plan; a resumed run skips the ones
         before its checkpoint.  val: whatever the task evaluates on (None: no evaluation); under
         ZeRO-3 every rank must run the same number of forwards on it.  evaluate_first: score the
         state the run starts from before training (besides train.eval_at_start's step-0 baseline)."""

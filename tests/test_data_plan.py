@@ -3,7 +3,7 @@ at any step, and the same global batches whatever the number of workers."""
 import numpy as np
 import pandas as pd
 
-from lmjobs.pretrain.data import _visit_rows, memory_chunks, plan, rank_rows
+from lmjobs.data_plan import _visit_rows, memory_chunks, plan, rank_rows
 
 
 def chunks_of(rows: int, size: int = 1024) -> list[dict]:
@@ -62,10 +62,10 @@ def test_one_worker_sees_the_same_global_batches_as_two():
     assert one == two
 
 
-# --- weighted mixing and curriculum stages (lmjobs.pretrain.data.segments / read_segment) ---
+# --- weighted mixing and curriculum stages (lmjobs.data_plan.segments / read_segment) ---
 
 from lmjobs.config import DataSection  # noqa: E402
-from lmjobs.pretrain.data import read_segment, segments  # noqa: E402
+from lmjobs.data_plan import read_segment, segments  # noqa: E402
 
 SMALL = np.arange(700 * SEQ, dtype=np.int32).reshape(700, SEQ) + 10**6  # a second source, other tokens
 

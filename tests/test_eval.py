@@ -13,7 +13,7 @@ import pytest
 
 from cluster.spec import load_spec
 from lmjobs.evaluate.driver import run
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import pytest
 from cluster import storage
 from cluster.spec import load_spec
 from data_pipelines.labelled import DataIngestSpec, ingest
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 from tests.conftest import REPO
 
 SHARED = REPO.parent / "shared" / "data"

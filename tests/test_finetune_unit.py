@@ -6,7 +6,7 @@ import pytest
 
 from lmjobs.finetune import base, features, metrics
 from lmjobs.finetune.driver import DataError, check_rows
-from lmjobs.pretrain.data import memory_chunks, read_segment, segments
+from lmjobs.data_plan import memory_chunks, read_segment, segments
 
 
 @pytest.fixture(scope="module")

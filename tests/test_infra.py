@@ -203,7 +203,7 @@ def test_secret_values_never_inline():
 def test_rayjob_spec_is_the_shipped_spec_and_valid():
     """The ConfigMap carries infra/specs/pretrain-gpu.yaml verbatim, and lmjobs accepts it."""
     from cluster.spec import load_spec
-    from lmjobs.runner import KINDS
+    from lmjobs.kinds import KINDS
 
     configmap = next(d for d in ic.load_manifests(RAYJOB) if d["kind"] == "ConfigMap")
     assert configmap["data"]["pretrain.yaml"] == SPEC.read_text()

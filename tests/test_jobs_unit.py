@@ -8,7 +8,7 @@ import pytest
 
 from cluster import jobs
 from cluster.spec import SpecError, SubmitSection, load_spec
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 from tests.conftest import REPO
 
 TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"

@@ -8,7 +8,7 @@ import pytest
 from cluster.spec import SpecError, load_spec
 from data_pipelines.labelled import DataIngestSpec, IngestError, ingest
 from data_pipelines.tfrecord import encode_example, frame
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

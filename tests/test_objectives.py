@@ -7,7 +7,7 @@ import torch
 from cluster.spec import SpecError, load_spec
 from data_pipelines.tokenizer import byte_level
 from lmjobs.config import ModelSection, PretrainSpec
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 from lmjobs.models import build_model
 from lmjobs.pretrain import objectives
 from lmjobs.pretrain.worker import seq_len_at

@@ -12,7 +12,7 @@ import pytest
 from cluster.spec import load_spec
 from data_pipelines.labelled import DataIngestSpec, ingest
 from lmjobs.finetune.driver import run
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 
 FRUITS = ["grape", "pear", "plum", "melon", "peach", "lime", "kiwi", "fig"]
 OPENERS = ["I would pick", "My answer is", "Try", "Honestly,", "The best one is", "Go for", "I like", "Take"]

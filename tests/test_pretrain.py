@@ -6,7 +6,7 @@ import pytest
 
 from cluster import storage
 from cluster.spec import load_spec
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 from lmjobs.pretrain.driver import run
 from lmjobs.runner import check_cpu_headroom
 from tests.conftest import REPO

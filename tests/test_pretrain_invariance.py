@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cluster.spec import load_spec
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 from lmjobs.pretrain.driver import run
 from tests.conftest import REPO
 
@@ -43,7 +43,7 @@ def test_grad_accumulation_2x6_equals_batch_12(base, tmp_path):
 
 
 def test_one_worker_equals_two_workers(base, tmp_path):
-    # 1 worker x 12 x accum 2 sees the global batch of 2 workers x 12 (lmjobs.pretrain.data)
+    # 1 worker x 12 x accum 2 sees the global batch of 2 workers x 12 (lmjobs.data_plan)
     one = losses(tmp_path, "one", "scaling.num_workers=1", "scaling.cpus_per_worker=1",
                  "train.micro_batch_size=12", "deepspeed.grad_accum=2")
     assert close(one, base, 1e-4), (one, base)

@@ -3,7 +3,7 @@ DeepSpeed on the session's 2-CPU cluster), exported and reloaded with plain tran
 import pytest
 
 from cluster.spec import load_spec
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 from lmjobs.pretrain.driver import run
 from tests.test_pretrain import TINY, _export_loads_without_lmjobs, history
 

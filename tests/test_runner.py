@@ -1,4 +1,4 @@
-"""The job runner (lmjobs.runner) and the Trainer's pieces that need no Ray: kinds from one registry
+"""The job runner (lmjobs.runner, lmjobs.kinds) and the Trainer's pieces that need no Ray: kinds from one registry
 entry, validation before any cluster work, resume refusals, checkpoint checksums, precision and MFU."""
 import json
 import os
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from cluster.spec import JobSpec, Section, SpecError, load_spec
-from lmjobs import runner
+from lmjobs import kinds, runner
 from lmjobs.cli import main
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 from tests.conftest import REPO, free_port
 
 TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"
@@ -34,9 +34,9 @@ def echo_summary(out: dict) -> list[str]:
 
 
 def test_a_new_job_kind_is_one_registry_entry(tmp_path, capsys):
-    kind = runner.JobKind("echo", EchoSpec, ("echo",), "say it again", run="tests.test_runner:echo_run",
-                          summary="tests.test_runner:echo_summary", address_field="")
-    runner.register(kind)
+    kind = kinds.JobKind("echo", EchoSpec, ("echo",), "say it again", run="tests.test_runner:echo_run",
+                         summary="tests.test_runner:echo_summary", address_field="")
+    kinds.register(kind)
     try:
         spec = tmp_path / "echo.yaml"
         spec.write_text("kind: echo\nname: hello\necho: {text: hi, times: 2}\n")
@@ -47,9 +47,9 @@ def test_a_new_job_kind_is_one_registry_entry(tmp_path, capsys):
         assert main(["echo", str(spec), "--set", "echo.times=many"]) == 2
         assert "echo.times" in capsys.readouterr().err
         # `lmjobs submit` sends the kind's own CLI words
-        assert runner.REGISTRY["echo"].words == ("echo",)
+        assert kinds.REGISTRY["echo"].words == ("echo",)
     finally:
-        runner.REGISTRY.pop("echo")
+        kinds.REGISTRY.pop("echo")
         KINDS.pop("echo")
 
 
@@ -190,3 +190,17 @@ def test_a_missing_source_gets_the_same_answer_from_validate_and_the_job_command
     assert answers[0] == answers[1] and answers[0][0] == 2, answers
     assert f"sources[0].path: {tmp_path}/absent/*.jsonl does not exist" in answers[0][1]
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_the_runner_imports_no_job_kind():
+    """The runner and the trainer sit below the kinds: importing them loads no feature package
+    (the registry, lmjobs.kinds, is the one place that names them all)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lmjobs.runner, lmjobs.trainer, lmjobs.strategy, lmjobs.data_plan; "
+            "print(sorted(m for m in sys.modules if m.split('.')[:2] in (['lmjobs', 'pretrain'], ['lmjobs', 'finetune'], "
+            "['lmjobs', 'tune'], ['lmjobs', 'rlhf'], ['lmjobs', 'evaluate'], ['lmjobs', 'kinds'], ['lmjobs', 'label'])))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

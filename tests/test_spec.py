@@ -7,7 +7,7 @@ import pytest
 
 from cluster.spec import JobSpec, Section, SpecError, load_spec, parse_override, resolved_dict
 from lmjobs.config import PretrainSpec
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 from tests.conftest import REPO
 
 TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"

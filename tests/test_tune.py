@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from cluster.spec import SpecError, load_spec
-from lmjobs.runner import KINDS
+from lmjobs.kinds import KINDS
 from tests.conftest import REPO
 
 WORDS = "the a movie film story actor plot scene music long short old new big small red blue day night city".split()

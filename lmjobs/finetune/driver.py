@@ -13,7 +13,7 @@ from lmjobs.finetune import base, features, multitask
 from lmjobs.config import FinetuneSpec
 from lmjobs import runner
 from lmjobs.plots import confusion, loss_curve, metric_curve
-from lmjobs.pretrain.data import memory_chunks
+from lmjobs.data_plan import memory_chunks
 
 HEADLINE = {"classification": "val_accuracy", "tokens": "val_f1", "qa": "val_f1", "sft": "val_loss",
             "preference": "val_accuracy", "dpo": "val_reward_margin"}
@@ -95,7 +95,7 @@ def prepare(spec: FinetuneSpec, extra_rows: list[dict] | None = None) -> runner.
     info = prepared["info"]
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"steps": info["steps"], "epochs": None})})
     weights = np.asarray(prepared["weights"], dtype=np.float64)
-    return runner.Prepared(spec=spec, sources=prepared["sources"], weights_at=lambda step: weights,
+    return runner.Prepared(spec=spec, task="lmjobs.finetune.tasks:build_task", sources=prepared["sources"], weights_at=lambda step: weights,
                            payload={"info": info, "base_dir": prepared["base_dir"]}, info=info, val=prepared["val"],
                            group_by_length=spec.data.group_by_length)
 

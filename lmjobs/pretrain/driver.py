@@ -14,7 +14,7 @@ from lmjobs import runner
 from lmjobs.config import PretrainSpec
 from lmjobs.plots import loss_curve
 from lmjobs.pretrain import objectives
-from lmjobs.pretrain.data import file_chunks, memory_chunks
+from lmjobs.data_plan import file_chunks, memory_chunks
 
 def _source(spec: PretrainSpec, source: str):
     """(train chunks, in-memory blocks or None, held-out Dataset factory or None, tokenizer JSON)."""
@@ -83,7 +83,7 @@ def prepare(spec: PretrainSpec) -> runner.Prepared:
         tokenizer_json = objectives.with_specials(tokenizer_json)  # [MASK] [CLS] [SEP] [PAD]
     vocab_size = Tokenizer.from_str(tokenizer_json).get_vocab_size()
     num_blocks = sum(c["rows"] for src in sources for c in src["chunks"])
-    return runner.Prepared(spec=spec, sources=sources, weights_at=_weights(spec), val_dataset=val,
+    return runner.Prepared(spec=spec, task="lmjobs.pretrain.worker:build_task", sources=sources, weights_at=_weights(spec), val_dataset=val,
                            payload={"vocab_size": vocab_size, "tokenizer_json": tokenizer_json, "has_val": val is not None},
                            info={"num_blocks": num_blocks})
 

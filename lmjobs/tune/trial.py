@@ -69,7 +69,7 @@ def run_trial(config: dict, campaign: dict, campaign_dir: str, threads: int | No
     from ray import tune
     from ray.util.queue import Queue
 
-    from lmjobs import runner
+    from lmjobs import kinds, runner
 
     import logging
 
@@ -103,7 +103,7 @@ def run_trial(config: dict, campaign: dict, campaign_dir: str, threads: int | No
             tune.report({k: v for k, v in results[-1].items() if k not in ("time", "run", "checkpoint")})
             return
 
-    prepared = runner.prepare(spec.trial_spec(params, run, trial_dir, threads))
+    prepared = kinds.prepare(spec.trial_spec(params, run, trial_dir, threads))
     fine = prepared.spec
     per_epoch = prepared.info["train_rows"] / fine.global_batch_size
     every = max(1, round(spec.report_every * per_epoch))

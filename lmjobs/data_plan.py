@@ -1,4 +1,5 @@
-"""Deterministic data order for pre-training: which sample each rank sees at each step.
+"""Deterministic data order for every training kind (pre-training, fine-tuning, trials): which
+sample each rank sees at each step.
 
 Ray Data's `streaming_split` hands blocks to whichever worker asks first, so the samples a rank
 gets depend on timing, and a resumed run cannot tell what it already saw.  Here the order is a
