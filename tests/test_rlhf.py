@@ -193,3 +193,11 @@ def test_roles_that_do_not_fit_fail_with_the_sizes_not_a_hang(ray_cluster, tiny_
     with pytest.raises(RuntimeError, match=r"this cluster has only .*missing \{'CPU': 6\.0\}"):
         Placement([("policy", 0, {"CPU": 8.0})], "PACK", timeout_s=600, fixed=True)
     assert time.monotonic() - started < 5
+    # the roles' threads split the cores of the node they were placed on, not the driver's machine's
+    from lmjobs.rlhf.actors import placed_cores
+
+    placed = Placement([("policy", 0, {"CPU": 0.5}), ("reward", 0, {"CPU": 0.1})], "PACK", timeout_s=60)
+    try:
+        assert placed_cores(placed) == placed_cores(None) == int(ray.cluster_resources()["CPU"]) == 2
+    finally:
+        placed.remove()

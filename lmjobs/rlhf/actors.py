@@ -427,6 +427,19 @@ class Placement:
         ray.util.remove_placement_group(self.group)
 
 
+def placed_cores(placement: Placement | None) -> int:
+    """CPUs of the node the roles share: the smallest node holding one of the placement's bundles
+    (PACK puts them on one node where it can), or without a placement group the smallest node
+    with CPUs.  The threads of the roles' processes split these cores."""
+    nodes = {n["NodeID"]: n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]}
+    if placement is not None:
+        used = set(ray.util.placement_group_table(placement.group)["bundles_to_node_id"].values())
+        cpus = [nodes[n] for n in used if n in nodes]
+    else:
+        cpus = [c for c in nodes.values() if c]
+    return max(1, int(min(cpus))) if cpus else 1
+
+
 class ActorGroup:
     """`num` actors of one role.  `call` fans a method out (one argument tuple an actor) and
     gathers the results; an actor that dies is restarted by Ray (`max_restarts`), `on_restart(i)`

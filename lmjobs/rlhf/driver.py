@@ -15,7 +15,6 @@ policy, critic and controller state are checkpointed, and running the command ag
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import random
 import shutil
@@ -144,8 +143,6 @@ class Controller:
 
         spec = self.spec
         joined = runner.join_cluster(spec.address, spec.embedded_num_cpus)
-        self.cores = spec.threads or max(1, int(ray.cluster_resources().get("CPU", 1)) if joined["embedded"]
-                                         else os.cpu_count() or 1)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_dict(spec), sort_keys=False))
         log = self.progress
@@ -155,6 +152,10 @@ class Controller:
             self.placement = actors.Placement([(role, i, res) for role, (_, count, res, _) in roles.items()
                                                for i in range(count)], spec.placement, spec.placement_timeout_s,
                                                fixed=joined["embedded"])
+        # the cores the roles' threads share: the embedded cluster's; on a cluster given by address the
+        # CPUs of the node(s) the roles were placed on (never this driver's machine)
+        self.cores = spec.threads or (max(1, int(ray.cluster_resources().get("CPU", 1))) if joined["embedded"]
+                                      else actors.placed_cores(self.placement))
         classes = {"policy": actors.PolicyActor, "reference": actors.ReferenceActor, "critic": actors.CriticActor,
                    "reward": actors.RewardActor, "rollout": actors.RolloutActor}
         groups = {role: actors.ActorGroup(role, classes[role], count, args, res, restarts, log, self.placement)
