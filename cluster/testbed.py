@@ -149,10 +149,16 @@ def _start_s3() -> tuple[str, int]:
 
 def start_node(tb: Testbed, node: Node, timeout_s: float = 120.0) -> Node:
     """Start (or restart) one worker node in a fresh mount namespace; waits until it is alive."""
-    mounts = []
-    for path in PRIVATE_PATHS:
-        path = os.path.expanduser(path)
+    private = [os.path.realpath(os.path.expanduser(path)) for path in PRIVATE_PATHS]
+    # the software image every node of a real cluster has (this checkout, its virtual environment)
+    # stays visible where a private tmpfs would hide it (a checkout under /tmp): held aside by a bind
+    # mount before the tmpfs goes over, and bound back onto its path after
+    image = _image_paths(private)
+    hold = f"/run/lmjobs-testbed-node{node.index}"
+    mounts = [f"mkdir -p {hold}/{i} && mount --bind {path} {hold}/{i}" for i, path in enumerate(image)]
+    for path in private:
         mounts.append(f"mkdir -p {path} && mount -t tmpfs -o mode=1777 lmjobs-node{node.index} {path}")
+    mounts += [f"mkdir -p {path} && mount --bind {hold}/{i} {path}" for i, path in enumerate(image)]
     ray_start = " ".join([_ray_bin(), "start", f"--address={tb.address}", f"--node-ip-address={node.ip}",
                           f"--num-cpus={node.cpus:g}", *_own_ports(), "--disable-usage-stats", "--block"])
     script = " && ".join([*mounts, f"exec {ray_start}"])
@@ -186,6 +192,13 @@ def start_node(tb: Testbed, node: Node, timeout_s: float = 120.0) -> Node:
 
     _wait_for(joined, timeout_s, f"node {node.index} ({node.ip}) did not join", poll_s=1.0)
     return node
+
+
+def _image_paths(private: list[str]) -> list[str]:
+    """This checkout and the Python environment running it, where they lie under a private path."""
+    roots = {os.path.realpath(pathlib.Path(__file__).resolve().parents[1]), os.path.realpath(sys.prefix)}
+    under = [r for r in roots if any(r == p or r.startswith(p.rstrip("/") + "/") for p in private)]
+    return sorted(r for r in under if not any(r != o and r.startswith(o.rstrip("/") + "/") for o in under))
 
 
 def node_processes(node: Node) -> list[psutil.Process]:

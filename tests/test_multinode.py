@@ -107,3 +107,71 @@ def test_a_lost_node_leaves_the_cluster_and_a_replacement_joins(three_nodes):
     tb_module.start_node(three_nodes, node)
     out = driver(three_nodes, COUNT)
     assert json.loads(out.stdout.strip().splitlines()[-1])["alive"] == 2
+
+
+def _lmjobs(tb, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lmjobs.cli", *args, "--address", tb.address]
+
+
+def _history(uri: str, cfg) -> list[dict]:
+    from cluster import storage
+
+    return [json.loads(line) for line in storage.read_text(uri, cfg).splitlines() if line]
+
+
+def test_pretrain_survives_a_lost_node_from_its_s3_checkpoint(three_nodes):
+    """`lmjobs pretrain` on the testbed with its run directory on the S3 server only.  The node
+    running the Train workers is lost (every process SIGKILLed) after the step-6 checkpoint: Ray
+    Train restarts the workers on the remaining node from that checkpoint, read back from S3, and
+    the run ends bit for bit where an uninterrupted run ends."""
+    import time
+    import uuid
+
+    import boto3
+
+    from cluster import testbed as tb_module
+    from cluster.storage import StorageConfig
+
+    tb = three_nodes
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=tb.s3_endpoint).create_bucket(Bucket=bucket)
+    cfg = StorageConfig(endpoint_url=tb.s3_endpoint)
+    # 0.35 CPU a worker: after the loss both fit the 1-CPU node left, with room for Ray Data's tasks
+    common = ["pretrain", "lmjobs/recipes/tiny.yaml", "--set", f"output.root=s3://{bucket}/runs",
+              "--set", "scaling.cpus_per_worker=0.35", "--set", "train.steps=24", "--set", "train.checkpoint_every=6",
+              "--set", "train.log_every=1", "--set", "train.max_failures=2", "--set", "data.val_blocks=0"]
+    env = {**os.environ, **tb.env(), "PYTHONPATH": str(REPO)}
+    whole = subprocess.run(_lmjobs(tb, *common, "--set", "name=whole"), capture_output=True, text=True, env=env,
+                           cwd=REPO, timeout=600)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
+
+    lost = subprocess.Popen(_lmjobs(tb, *common, "--set", "name=lost"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    metrics = f"s3://{bucket}/runs/lost/metrics.jsonl"
+
+    def past(step: int) -> bool:
+        try:
+            return _history(metrics, cfg)[-1]["step"] >= step
+        except Exception:  # not written yet
+            return False
+
+    deadline = time.monotonic() + 300
+    while not past(8):
+        assert lost.poll() is None and time.monotonic() < deadline, "the run never reached step 8"
+        time.sleep(0.5)
+    hosting = [n for n in tb.nodes if any("RayTrainWorker" in " ".join(p.cmdline())
+                                          for p in tb_module.node_processes(n))]
+    assert hosting, "no node runs a Train worker"
+    tb_module.stop_node(tb, hosting[0])
+    try:
+        output, _ = lost.communicate(timeout=600)
+    finally:
+        lost.kill()
+        tb_module.start_node(tb, hosting[0])  # the cluster as the other tests found it
+    assert lost.returncode == 0, output[-4000:]
+
+    a, b = _history(metrics, cfg), _history(f"s3://{bucket}/runs/whole/metrics.jsonl", cfg)
+    assert [m["step"] for m in a] == list(range(1, 25))
+    assert max(m["start_step"] for m in a) in (6, 12, 18)  # restarted from an S3 checkpoint
+    for x, y in zip(a, b):
+        assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"]), (x, y)
