@@ -103,7 +103,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         # address (RAY_ADDRESS).  Without it, Ray Train's PlacementGroupCleaner asks the State API for
         # "the" cluster and fails with "Found multiple active Ray instances" whenever another job's
         # embedded cluster runs on the same machine.
-        port = _free_port()
+        port = free_port()
         env_vars["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:
@@ -120,7 +120,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     return {"address": _embedded, "embedded": True}
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
     import socket
 
     with socket.socket() as s:

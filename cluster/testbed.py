@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-from cluster.connect import LOOPBACK, ensure_local_token, ensure_token_auth
+from cluster.connect import LOOPBACK, ensure_local_token, ensure_token_auth, free_port
 from cluster.local import _ray_bin, terminate
 
 PRIVATE_PATHS = ("/tmp", "~/.cache/lmjobs")  # a tmpfs over each, inside every worker node
@@ -46,12 +46,6 @@ HEAD_IP = "127.0.0.10"
 
 def _state_file() -> pathlib.Path:
     return pathlib.Path(os.environ.get("LMJOBS_HOME", pathlib.Path.home() / ".lmjobs")) / "testbed.json"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -131,11 +125,11 @@ def _node_env() -> dict[str, str]:
 def _own_ports() -> list[str]:
     """Ports a node would otherwise take at fixed defaults (the dashboard agent's 52365): another
     Ray instance on the machine already holds them, and the node then never comes up."""
-    return [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 def _start_s3() -> tuple[str, int]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -233,12 +227,12 @@ def up(workers: int = 2, cpus_per_worker: float = 1.0, s3: bool = True, timeout_
         raise RuntimeError(f"a testbed is already up at {existing.address}; `python -m cluster.testbed down` first")
     if shutil.which("unshare") is None:
         raise RuntimeError("testbed: `unshare` (util-linux) is needed")
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     temp_dir = f"/tmp/lmjobs-testbed-{port}"
     env = _node_env()
     head = subprocess.Popen([_ray_bin(), "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}",
                              f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dash}", "--num-cpus=0",
-                             f"--temp-dir={temp_dir}", f"--ray-client-server-port={_free_port()}", *_own_ports(),
+                             f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}", *_own_ports(),
                              "--disable-usage-stats"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
