@@ -8,10 +8,17 @@ endpoint can be overridden (MinIO, moto, on-prem S3) in the spec or with `AWS_EN
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import pathlib
+import shutil
 import tempfile
+import time
 import urllib.parse
+import uuid
+
 import pyarrow.fs as pafs
 import pydantic
 
@@ -181,3 +188,158 @@ def download_dir(uri: str, local_dir: str | os.PathLike, cfg: StorageConfig | No
     pathlib.Path(local_dir).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
+
+
+# -- JSON lines: appended locally, in segments on S3 --------------------------------------------
+
+SEGMENTS = ".parts"  # s3: uri + SEGMENTS + "/<time>-<pid>-<rand>.jsonl", one object per append
+
+
+def _segments(uri: str, cfg: StorageConfig | None) -> list[str]:
+    if not is_remote(uri):
+        return []
+    return [join(uri + SEGMENTS, name) for name in list_files(uri + SEGMENTS, cfg)]
+
+
+def append_jsonl(uri: str, records: list[dict], cfg: StorageConfig | None = None) -> None:
+    """Append JSON lines.  A local file is appended to (flushed); S3 has no append, so each call
+    writes one small object beside the file (`NAME.jsonl.parts/...`) instead of rewriting the
+    whole log: a log step costs one PUT whatever the history's length.  `read_jsonl` reads both."""
+    if not records:
+        return
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if is_remote(uri):
+        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
+        write_text(join(uri + SEGMENTS, name), text, cfg)
+        return
+    _, path = resolve(uri, cfg)
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+
+
+def read_jsonl(uri: str, cfg: StorageConfig | None = None) -> list[dict]:
+    """Every record of a JSON-lines log (the file, then its S3 segments in order); [] when absent.
+    A writer killed mid-line leaves half a last line, which is dropped; a damaged line anywhere
+    else is an error naming the file and the line."""
+    parts = ([uri] if exists(uri, cfg) else []) + _segments(uri, cfg)
+    records = []
+    for part in parts:
+        lines = read_text(part, cfg).splitlines()
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    break
+                raise ValueError(f"{part}, line {number}: not JSON; the file is damaged "
+                                 "(fix or remove that line and run again)") from None
+    return records
+
+
+def write_jsonl(uri: str, records: list[dict], cfg: StorageConfig | None = None) -> None:
+    """Replace a JSON-lines log with exactly `records` (atomic), its S3 segments folded in."""
+    segments = _segments(uri, cfg)
+    write_text(uri, "".join(json.dumps(r) + "\n" for r in records), cfg)
+    for segment in segments:
+        delete(segment, cfg)
+
+
+def compact_jsonl(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Fold an S3 log's segments into the one object (at the end of a run); local: nothing to do."""
+    if _segments(uri, cfg):
+        write_jsonl(uri, read_jsonl(uri, cfg), cfg)
+
+
+# -- directories that actors write and read on their own node -----------------------------------
+
+@contextlib.contextmanager
+def writable_dir(uri: str, cfg: StorageConfig | None = None):
+    """A local directory to write `uri`'s contents into: `uri` itself when local, else a temp
+    directory on this node uploaded to `uri` when the block ends without an error."""
+    if not is_remote(uri):
+        pathlib.Path(resolve(uri, cfg)[1]).mkdir(parents=True, exist_ok=True)
+        yield resolve(uri, cfg)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="lmjobs-up-") as local:
+        yield local
+        upload_dir(local, uri, cfg)
+
+
+@contextlib.contextmanager
+def readable_dir(uri: str, cfg: StorageConfig | None = None):
+    """A local directory holding `uri`'s files: `uri` itself when local, else a temp download."""
+    if not is_remote(uri):
+        yield resolve(uri, cfg)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="lmjobs-down-") as local:
+        download_dir(uri, local, cfg)
+        yield local
+
+
+def latest_complete(root: str, prefix: str, marker: str, cfg: StorageConfig | None = None) -> str | None:
+    """The newest directory `root/<prefix>...` (by name) that holds `marker`, the file written
+    last: a directory cut short by a crash lacks it and is never taken."""
+    done = sorted({f.split("/", 1)[0] for f in list_files(root, cfg)
+                   if f.startswith(prefix) and f.count("/") == 1 and f.endswith("/" + marker)})
+    return join(root, done[-1]) if done else None
+
+
+# -- a node's cache of read-only directories from S3 (models) -----------------------------------
+
+def _listing(uri: str, cfg: StorageConfig | None) -> list[tuple[str, int, str]]:
+    """(relative path, size, ETag) of every object below an s3:// prefix."""
+    fs, path = resolve(uri, cfg)
+    bucket, _, prefix = path.partition("/")
+    client, out = _s3_client(cfg), []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
+        for obj in page.get("Contents", []):
+            out.append((obj["Key"][len(prefix.rstrip("/")) + 1:], int(obj["Size"]), obj["ETag"].strip('"')))
+    return sorted(out)
+
+
+def _md5(path: pathlib.Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_dir(uri: str, cache: str | os.PathLike, cfg: StorageConfig | None = None) -> pathlib.Path:
+    """A local copy of the directory `uri` (an s3:// prefix) under `cache`, downloaded once per node.
+
+    The copy's name is a hash of the URI and of every object's size and ETag, so a changed object
+    is a new copy, never a stale one.  Each file is checked after download: its size, and its MD5
+    against the ETag where S3 gives one (single-part uploads; a multipart ETag is not an MD5 and
+    only the size is checked).  A copy is moved into place only once whole and checked."""
+    listing = _listing(uri, cfg)
+    if not listing:
+        raise FileNotFoundError(f"{uri}: no such directory (no objects under it)")
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:16]
+    out = pathlib.Path(cache) / f"{uri[len('s3://'):].rstrip('/').replace('/', '_')[-60:]}-{key}"
+    if (out / ".complete").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        download_dir(uri, tmp, cfg)
+        for rel, size, etag in listing:
+            got = tmp / rel
+            if not got.is_file() or got.stat().st_size != size:
+                raise OSError(f"{uri}/{rel}: the download is incomplete ({got.stat().st_size if got.exists() else 0} "
+                              f"of {size} bytes)")
+            if "-" not in etag and _md5(got) != etag:
+                raise OSError(f"{uri}/{rel}: checksum mismatch after download (MD5 differs from the ETag)")
+        (tmp / ".complete").write_text(json.dumps(listing))
+        try:
+            tmp.rename(out)  # a concurrent downloader's identical copy may have won
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -272,8 +272,10 @@ def checkpoint_uri(spec: TrainJobSpec, result) -> str | None:
 
 
 def history(run_dir: str, cfg) -> list[dict]:
-    text = storage.read_text(storage.join(run_dir, "metrics.jsonl"), cfg)
-    return [json.loads(line) for line in text.splitlines() if line]
+    """The run's logged metrics, its S3 append parts folded into metrics.jsonl first."""
+    uri = storage.join(run_dir, "metrics.jsonl")
+    storage.compact_jsonl(uri, cfg)
+    return storage.read_jsonl(uri, cfg)
 
 
 # -- inside each Train worker -------------------------------------------------------------------

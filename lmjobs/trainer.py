@@ -324,29 +324,17 @@ def _read_state(resume_dir: str | None) -> dict:
 
 
 class _MetricsLog:
-    """RUN_DIR/metrics.jsonl, one line appended per log step (never rewritten whole).  It starts as
-    exactly the history the attempt resumes from: a killed attempt may have logged steps past its
-    last checkpoint, and those steps are trained again.  An s3:// run dir has no append: the lines
-    go to a local file, uploaded after each append."""
+    """RUN_DIR/metrics.jsonl, one line appended per log step (never rewritten whole; on S3 each
+    append is one small object, see `storage.append_jsonl`).  It starts as exactly the history
+    the attempt resumes from: a killed attempt may have logged steps past its last checkpoint,
+    and those steps are trained again."""
 
     def __init__(self, run_dir: str, spec: TrainJobSpec, history: list[dict]):
         self.uri, self.cfg = storage.join(run_dir, "metrics.jsonl"), spec.output.storage
-        self.remote = storage.is_remote(run_dir)
-        self.path = tempfile.mkstemp(prefix="lmjobs-metrics-", suffix=".jsonl")[1] if self.remote else self.uri
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in history)
-        self._sync()
+        storage.write_jsonl(self.uri, history, self.cfg)
 
     def append(self, metrics: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        self._sync()
-
-    def _sync(self) -> None:
-        if self.remote:
-            with open(self.path, "rb") as f:
-                storage.write_bytes(self.uri, f.read(), self.cfg)
+        storage.append_jsonl(self.uri, [metrics], self.cfg)
 
 
 class _TensorBoard:

@@ -127,32 +127,48 @@ def test_grpo_learns_the_reward_within_kl_and_survives_rollout_and_reward_kills(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ppo_learns_and_a_killed_driver_resumes_from_its_checkpoint(ray_cluster, tiny_gpt2, tmp_path):
-    """PPO (critic, GAE, KL in the reward) as `lmjobs rlhf` on the session cluster: SIGKILL the
-    driver after its step-8 checkpoint, run the same command again: it resumes at step 8 and ends
-    with every step, the reward having risen."""
+def test_ppo_learns_and_a_killed_driver_resumes_from_its_checkpoint(ray_cluster, tiny_gpt2, tmp_path, s3_bucket):
+    """PPO (critic, GAE, KL in the reward) as `lmjobs rlhf` on the session cluster, with only
+    s3:// paths (policy model, prompts, run directory): SIGKILL the driver after its step-8
+    checkpoint, run the same command again: it resumes at step 8 from S3 and ends with every
+    step, the reward having risen; the logs were appended, not rewritten, while it ran."""
+    from cluster import storage
+
+    bucket, cfg = s3_bucket
+    storage.upload_dir(tiny_gpt2, f"{bucket}/models/tiny-gpt2", cfg)
+    storage.write_text(f"{bucket}/prompts.txt", "\n".join(f"prompt {c}" for c in "abcdefghijkl") + "\n", cfg)
     path = write_spec(tmp_path, tiny_gpt2, "ppo", train__steps=24, ppo__epochs=2, ppo__minibatch_size=8,
-                      kl={"coef": 0.05, "target": 1.0}, optim={"lr": 3e-3})
+                      kl={"coef": 0.05, "target": 1.0}, optim={"lr": 3e-3},
+                      policy={"model": f"{bucket}/models/tiny-gpt2", "cpus": 0.25},
+                      data={"prompts": f"{bucket}/prompts.txt"},
+                      output={"root": f"{bucket}/runs", "storage": cfg.model_dump(mode="json")})
     command = [sys.executable, "-m", "lmjobs.cli", "rlhf", str(path), "--address", ray_cluster]
-    run_dir = tmp_path / "runs" / "ppo-tiny"
+    run_dir = f"{bucket}/runs/ppo-tiny"
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_for(lambda: (run_dir / "checkpoints" / "step_000008" / "controller.json").exists()
+        _wait_for(lambda: storage.exists(f"{run_dir}/checkpoints/step_000008/controller.json", cfg)
                   or first.poll() is not None, 300, "the step-8 checkpoint")
         assert first.poll() is None, first.stdout.read()
+        # while it runs, each step's metrics line is its own small object beside metrics.jsonl
+        assert storage.list_files(f"{run_dir}/metrics.jsonl{storage.SEGMENTS}", cfg)
         first.send_signal(signal.SIGKILL)
     finally:
         first.wait(timeout=60)
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resumed from step_000008" in again.stdout, again.stdout[-2000:]
-    rows = history(run_dir / "metrics.jsonl")
+    rows = storage.read_jsonl(f"{run_dir}/metrics.jsonl", cfg)
     assert [m["step"] for m in rows] == list(range(1, 25))
+    assert not storage.list_files(f"{run_dir}/metrics.jsonl{storage.SEGMENTS}", cfg)  # folded in at the end
     assert {m["start_step"] for m in rows if m["step"] > 8} == {8}
     first_q, last_q = quarter_means(rows)
     assert last_q > first_q + 0.1, (first_q, last_q)
     assert all(m["kl"] < 1.0 for m in rows)
     assert all(key in rows[-1] for key in ("value_loss", "explained_variance", "clipfrac", "entropy", "sync_s"))
+    files = storage.list_files(run_dir, cfg)
+    assert "policy/model.safetensors" in files and "curves.png" in files and "summary.json" in files
+    kept = sorted({f.split("/")[1] for f in files if f.startswith("checkpoints/")})
+    assert kept == ["step_000020", "step_000024"], kept  # keep_checkpoints 2, nothing incomplete left
 
 
 @pytest.mark.ray

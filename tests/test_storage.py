@@ -105,3 +105,58 @@ def test_endpoint_url_with_credentials_is_refused_without_echoing_them(url, tmp_
     for said in (str(loaded.value), str(direct.value)):
         assert "s3cr3t-pw" not in said and "AKIAEXAMPLE" not in said
     assert StorageConfig(endpoint_url="http://minio.internal:9000").endpoint_url == "http://minio.internal:9000"
+
+
+def test_jsonl_appends_are_one_object_each_on_s3_and_read_back_in_order(root):
+    """A log appended step by step: on S3 each append is its own small object (the log is never
+    rewritten whole while it grows); readers see every record in order, a half last line (a
+    writer killed mid-write) is dropped, and compacting folds the parts into one object."""
+    base, cfg = root
+    uri = storage.join(base, "run/metrics.jsonl")
+    assert storage.read_jsonl(uri, cfg) == []
+    storage.write_jsonl(uri, [{"step": 0}], cfg)
+    for step in range(1, 6):
+        storage.append_jsonl(uri, [{"step": step}], cfg)
+    assert [r["step"] for r in storage.read_jsonl(uri, cfg)] == [0, 1, 2, 3, 4, 5]
+    parts = storage.list_files(uri + storage.SEGMENTS, cfg)
+    assert len(parts) == (5 if storage.is_remote(base) else 0)
+    if storage.is_remote(base):  # the first object was not touched by the appends
+        assert storage.read_text(uri, cfg) == '{"step": 0}\n'
+    storage.compact_jsonl(uri, cfg)
+    assert storage.list_files(uri + storage.SEGMENTS, cfg) == []
+    assert [r["step"] for r in storage.read_jsonl(uri, cfg)] == [0, 1, 2, 3, 4, 5]
+    storage.write_text(uri, '{"step": 0}\n{"step": 1}\n{"ste', cfg)
+    assert [r["step"] for r in storage.read_jsonl(uri, cfg)] == [0, 1]
+    storage.write_text(uri, '{"step": 0}\n{"ste\n{"step": 2}\n', cfg)
+    with pytest.raises(ValueError, match="line 2"):
+        storage.read_jsonl(uri, cfg)
+
+
+def test_latest_complete_ignores_a_checkpoint_without_its_marker(root):
+    base, cfg = root
+    ckpts = storage.join(base, "checkpoints")
+    assert storage.latest_complete(ckpts, "step_", "controller.json", cfg) is None
+    for step, complete in ((4, True), (8, True), (12, False)):
+        storage.write_text(storage.join(ckpts, f"step_{step:06d}", "policy", "w.bin"), "w", cfg)
+        if complete:
+            storage.write_text(storage.join(ckpts, f"step_{step:06d}", "controller.json"), "{}", cfg)
+    assert storage.latest_complete(ckpts, "step_", "controller.json", cfg) == storage.join(ckpts, "step_000008")
+
+
+def test_a_model_directory_from_s3_is_cached_once_per_node_and_checked(s3_bucket, tmp_path):
+    base, cfg = s3_bucket
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "gpt2"}')
+    (src / "model.safetensors").write_bytes(bytes(range(256)) * 512)
+    storage.upload_dir(src, storage.join(base, "m"), cfg)
+    cache = tmp_path / "cache"
+    first = storage.cached_dir(storage.join(base, "m"), cache, cfg)
+    assert (first / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    (first / "marker").write_text("the same copy")  # a second call downloads nothing
+    assert storage.cached_dir(storage.join(base, "m"), cache, cfg) == first and (first / "marker").exists()
+    storage.write_text(storage.join(base, "m", "config.json"), '{"model_type": "llama"}', cfg)
+    second = storage.cached_dir(storage.join(base, "m"), cache, cfg)  # changed object: a new copy, not a stale one
+    assert second != first and (second / "config.json").read_text() == '{"model_type": "llama"}'
+    with pytest.raises(FileNotFoundError):
+        storage.cached_dir(storage.join(base, "missing"), cache, cfg)

@@ -37,8 +37,22 @@ def _package_dir(name: str) -> pathlib.Path:
     raise FileNotFoundError(f"model.base pkg:{name}: no config.json or .gguf file in {root}")
 
 
-def resolve(base: str) -> pathlib.Path:
-    """A local directory that `from_pretrained` loads (GGUF converted on first use)."""
+def resolve(base: str, storage_cfg=None) -> pathlib.Path:
+    """A local directory on this node that `from_pretrained` loads (GGUF converted on first use;
+    an s3:// directory downloaded once per node into CACHE/s3 and checked, see
+    `cluster.storage.cached_dir`).  Each process that loads a model resolves its reference
+    itself: a path resolved on the driver may not exist on the node of a worker."""
+    if str(base).startswith("s3://"):
+        from cluster import storage
+
+        uri = str(base).rstrip("/")
+        if storage.exists(storage.join(uri, "hf", "config.json"), storage_cfg):
+            uri = storage.join(uri, "hf")  # an lmjobs checkpoint: its model only, not its optimizer shards
+        path = storage.cached_dir(uri, CACHE / "s3", storage_cfg)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model.base {base}: no config.json (Hugging Face directory) or hf/ (lmjobs "
+                                    "checkpoint) there")
+        return path
     path = _package_dir(base[4:]) if base.startswith("pkg:") else pathlib.Path(base).expanduser()
     if (path / "hf" / "config.json").exists():  # an lmjobs checkpoint directory
         path = path / "hf"
@@ -49,6 +63,14 @@ def resolve(base: str) -> pathlib.Path:
         raise FileNotFoundError(f"model.base {base}: no config.json (Hugging Face directory), hf/ (lmjobs "
                                 "checkpoint) or .gguf file there")
     return _from_gguf(ggufs[0])
+
+
+def portable(base: str) -> str:
+    """`model.base` as every node can resolve it: pkg: and s3:// as given, a local path made
+    absolute (it must then exist on every node: a shared or baked-in path)."""
+    if str(base).startswith(("pkg:", "s3://")):
+        return str(base)
+    return str(pathlib.Path(base).expanduser().resolve())
 
 
 def _from_gguf(gguf: pathlib.Path) -> pathlib.Path:

@@ -126,7 +126,7 @@ def _prepare_single(spec: FinetuneSpec, extra_rows: list[dict] | None = None) ->
         eval_rows = []
     train_rows = _subset(train_rows, spec.data.max_train_examples, spec.train.seed, 1) + list(extra_rows or [])
     eval_rows = _subset(eval_rows, spec.data.max_eval_examples, spec.train.seed, 2)
-    base_dir = base.resolve(spec.model.base)
+    base_dir = base.resolve(spec.model.base, spec.output.storage)
     tokenizer = base.tokenizer(base_dir)
     train_features, _ = build_features(task, train_rows, tokenizer, labels, spec.data)
     train_features["length"] = train_features["attention_mask"].sum(1).astype(np.int32)  # group_by_length
@@ -143,13 +143,13 @@ def _prepare_single(spec: FinetuneSpec, extra_rows: list[dict] | None = None) ->
     info = {"task": task, "labels": labels, "train_rows": num_rows, "examples": len(train_rows),
             "eval_rows": len(eval_rows), "steps": steps, "dataset": directory}
     sources = [{"name": "train", "chunks": memory_chunks(num_rows), "memory": train_features, "id_offset": 0}]
-    return {"info": info, "sources": sources, "weights": [1.0], "val": val, "base_dir": str(base_dir)}
+    return {"info": info, "sources": sources, "weights": [1.0], "val": val, "base_dir": base.portable(spec.model.base)}
 
 
 def prepare_multitask(spec: FinetuneSpec) -> dict:
     """Each task's data read, checked and featurised into the shared layout: one source a task."""
     cfg, mt = spec.output.storage, spec.multitask
-    base_dir = base.resolve(spec.model.base)
+    base_dir = base.resolve(spec.model.base, spec.output.storage)
     tokenizer = base.tokenizer(base_dir)
     tasks, sources, val, offset = [], [], {}, 0
     for task_id, t in enumerate(mt.tasks):
@@ -181,7 +181,7 @@ def prepare_multitask(spec: FinetuneSpec) -> dict:
     info = {"task": "multitask", "tasks": tasks, "weights": weights, "labels": None, "train_rows": total,
             "examples": total, "eval_rows": sum(len(v["features"]["input_ids"]) for v in val.values()),
             "steps": steps, "dataset": ", ".join(t["dataset"] for t in tasks)}
-    return {"info": info, "sources": sources, "weights": weights, "val": val or None, "base_dir": str(base_dir)}
+    return {"info": info, "sources": sources, "weights": weights, "val": val or None, "base_dir": base.portable(spec.model.base)}
 
 
 def run(spec: FinetuneSpec) -> dict:

@@ -9,7 +9,6 @@ RUN_DIR/eval.json (per-label table, confusion matrix or per-type scores, sample 
 from __future__ import annotations
 
 import json
-import pathlib
 
 import numpy as np
 import torch
@@ -103,7 +102,8 @@ class FinetuneTask:
     headline = "accuracy"  # the metric the log line and the campaign look at
 
     def __init__(self, spec: FinetuneSpec, info: dict, base_dir: str, run_dir: str):
-        self.spec, self.info, self.base_dir, self.run_dir = spec, info, pathlib.Path(base_dir), run_dir
+        self.spec, self.info, self.run_dir = spec, info, run_dir
+        self.base_dir = base.resolve(base_dir, spec.output.storage)  # on this worker's node
         self.tokenizer = base.tokenizer(self.base_dir)
 
     # -- model ---------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def load_lm(spec, head: str = "sft", model: str | None = None, trainable: bool =
     sampling and of training must agree), LoRA / frozen layers as the policy has them."""
     from lmjobs.finetune.base import add_lora, freeze, load_model, resolve, tokenizer
 
-    directory = resolve(model or spec.policy.model)
+    directory = resolve(model or spec.policy.model, spec.output.storage)  # on this actor's node
     tok = tokenizer(directory)
     lm = load_model(directory, head, 1, tok.pad_token_id, spec.train.seed, dropout=0.0, attention="sdpa")
     if trainable and head == "sft":
@@ -126,11 +126,18 @@ class _Trained:
         finally:
             module.train()
 
-    def save(self, directory: str, client_state: dict) -> None:
-        self.strategy.save(directory, client_state)
+    def save(self, uri: str, client_state: dict) -> None:
+        """The DeepSpeed checkpoint into `uri` (local or s3://: written on this node, then uploaded)."""
+        from cluster import storage
 
-    def load(self, directory: str) -> dict:
-        return self.strategy.load(directory)
+        with storage.writable_dir(uri, self.spec.output.storage) as directory:
+            self.strategy.save(directory, client_state)
+
+    def load(self, uri: str) -> dict:
+        from cluster import storage
+
+        with storage.readable_dir(uri, self.spec.output.storage) as directory:
+            return self.strategy.load(directory)
 
 
 @ray.remote
@@ -249,15 +256,17 @@ class PolicyActor(_Trained):
             total += size
         return buckets, total
 
-    def export(self, directory: str) -> str:
-        """The policy as a Hugging Face directory (LoRA merged), with its tokenizer."""
+    def export(self, uri: str) -> str:
+        """The policy as a Hugging Face directory (LoRA merged), with its tokenizer, at `uri`."""
+        from cluster import storage
         from lmjobs.finetune.base import merged
 
-        with self.strategy.gathered_module() as module:
-            model = merged(module)
-            model.save_pretrained(directory, safe_serialization=True)
-        self.tok.save_pretrained(directory)
-        return directory
+        with storage.writable_dir(uri, self.spec.output.storage) as directory:
+            with self.strategy.gathered_module() as module:
+                model = merged(module)
+                model.save_pretrained(directory, safe_serialization=True)
+            self.tok.save_pretrained(directory)
+        return uri
 
 
 @ray.remote
@@ -367,11 +376,13 @@ class RolloutActor:
 
 @ray.remote
 class RewardActor:
-    def __init__(self, section_data: dict):
+    def __init__(self, section_data: dict, sources: dict, storage_data: dict | None = None):
+        from cluster.storage import StorageConfig
         from lmjobs.rlhf.rewards import Scorer
         from lmjobs.rlhf.spec import RlhfRewardSection
 
-        self.scorer = Scorer(RlhfRewardSection.model_validate(section_data))
+        self.scorer = Scorer(RlhfRewardSection.model_validate(section_data), sources,
+                             StorageConfig.model_validate(storage_data) if storage_data else None)
 
     def ping(self) -> bool:
         return True

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import pathlib
 import random
-import shutil
 import time
 
 import yaml
@@ -32,24 +31,29 @@ SAME_ON_RESUME = ("algorithm", "policy", "critic.model", "data", "train.seed", "
                   "train.group_size", "deepspeed", "ppo.minibatch_size")
 
 
-def load_prompts(source: str) -> list[str]:
+def load_prompts(source: str, cfg=None) -> list[str]:
     """Prompts from a .txt (one a line), .jsonl / .parquet with a `prompt` field, or an ingested
-    dataset's train split."""
-    path = pathlib.Path(source).expanduser()
-    if path.is_dir() or path.name == "manifest.json":
+    dataset's train split; local or s3://."""
+    suffix = pathlib.PurePosixPath(source).suffix
+    if suffix not in (".txt", ".jsonl", ".parquet"):
         from data_pipelines.labelled import read_manifest, read_split
 
-        directory, manifest = read_manifest(str(path))
-        table = read_split(directory, manifest, "train")[1]
-        records = table.to_pylist()
-    elif path.suffix == ".txt":
-        records = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".jsonl":
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    elif path.suffix == ".parquet":
+        try:
+            directory, manifest = read_manifest(source, cfg)
+        except FileNotFoundError:
+            raise ValueError(f"data.prompts: {source}: give a .txt, .jsonl or .parquet file or an ingested "
+                             "dataset") from None
+        records = read_split(directory, manifest, "train", cfg)[1].to_pylist()
+    elif suffix == ".txt":
+        records = [{"prompt": line.strip()} for line in storage.read_text(source, cfg).splitlines() if line.strip()]
+    elif suffix == ".jsonl":
+        records = [json.loads(line) for line in storage.read_text(source, cfg).splitlines() if line.strip()]
+    elif suffix == ".parquet":
+        import io
+
         import pyarrow.parquet as pq
 
-        records = pq.read_table(path).to_pylist()
+        records = pq.read_table(io.BytesIO(storage.read_bytes(source, cfg))).to_pylist()
     else:
         raise ValueError(f"data.prompts: {source}: give a .txt, .jsonl or .parquet file or an ingested dataset")
     prompts = [r.get("prompt") for r in records]
@@ -85,19 +89,19 @@ def split(items: list, parts: int) -> list[list]:
     return out
 
 
-def run_dir_of(spec: RlhfSpec) -> pathlib.Path:
-    if storage.is_remote(spec.output.root):
-        raise ValueError("output.root: rlhf runs write checkpoints from their actors to a local (or shared) "
-                         f"directory; {spec.output.root} is object storage")
-    return pathlib.Path(spec.output.root).expanduser().resolve() / spec.name
+def run_dir_of(spec: RlhfSpec) -> str:
+    """The run directory's URI (local or s3://): every read and write of it goes through
+    `cluster.storage`, from the driver and from the actors, on whichever node they run."""
+    root = spec.output.root
+    if not storage.is_remote(root):
+        root = str(pathlib.Path(root).expanduser().resolve())
+    return storage.join(root, spec.name)
 
 
-def latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path | None:
-    """The newest complete checkpoint (a directory is renamed into place only once whole)."""
-    root = run_dir / CHECKPOINTS
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "controller.json").exists()) \
-        if root.exists() else []
-    return done[-1] if done else None
+def latest_checkpoint(run_dir: str, cfg=None) -> str | None:
+    """The newest complete checkpoint: controller.json is written last, so a checkpoint cut short
+    (a killed driver, a lost node) is never taken."""
+    return storage.latest_complete(storage.join(run_dir, CHECKPOINTS), "step_", "controller.json", cfg)
 
 
 def _field(data: dict, dotted: str):
@@ -106,30 +110,33 @@ def _field(data: dict, dotted: str):
     return data
 
 
-def check_same_run(saved: dict, spec: RlhfSpec, where: pathlib.Path) -> None:
+def check_same_run(saved: dict, spec: RlhfSpec, where: str) -> None:
+    where = str(where)
     now = resolved_dict(spec)
     for field in SAME_ON_RESUME:
         if _field(saved, field) != _field(now, field):
             raise ValueError(f"{field}: {where} holds a checkpoint of a run with {field} = "
                              f"{json.dumps(_field(saved, field))}, but the spec says {json.dumps(_field(now, field))}; "
-                             f"give the run another name, or remove {where.parent.parent} to start over")
+                             f"give the run another name, or remove {where.rsplit('/', 2)[0]} to start over")
 
 
 class Controller:
     def __init__(self, spec: RlhfSpec, progress=print):
-        from lmjobs.rlhf.rewards import absolute, load_function
+        from lmjobs.rlhf.rewards import shipped
 
-        self.spec, self.progress = spec, progress
+        self.spec, self.progress, self.cfg = spec, progress, spec.output.storage
         self.run_dir = run_dir_of(spec)
-        self.prompts = load_prompts(spec.data.prompts)
-        self.reward_section = absolute(spec.reward)
-        for f in self.reward_section.functions:  # fail on a wrong path before any cluster work
-            load_function(f.path)
+        self.prompts = load_prompts(spec.data.prompts, self.cfg)
+        # reward code read here and sent with the actors' arguments; a wrong path fails before any cluster work
+        self.reward_section, self.reward_sources = shipped(spec.reward)
         self.policy = self.reference = self.critic = self.reward = self.rollout = self.placement = None
-        self.resume_from = latest_checkpoint(self.run_dir)
+        self.resume_from = latest_checkpoint(self.run_dir, self.cfg)
         if self.resume_from is not None:
-            saved = json.loads((self.resume_from / "controller.json").read_text())
+            saved = self._saved(self.resume_from)
             check_same_run(saved["config"], spec, self.resume_from)
+
+    def _saved(self, checkpoint: str) -> dict:
+        return json.loads(storage.read_text(storage.join(checkpoint, "controller.json"), self.cfg))
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -143,8 +150,8 @@ class Controller:
 
         spec = self.spec
         joined = runner.join_cluster(spec.address, spec.embedded_num_cpus)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_dict(spec), sort_keys=False))
+        storage.write_text(storage.join(self.run_dir, "resolved_config.yaml"),
+                           yaml.safe_dump(resolved_dict(spec), sort_keys=False), self.cfg)
         log = self.progress
         t0 = time.perf_counter()
         roles = self.roles()
@@ -170,17 +177,17 @@ class Controller:
         self.moments = RunningMoments()
         self.step = 0
         if self.resume_from is not None:
-            saved = json.loads((self.resume_from / "controller.json").read_text())
-            self.policy.call("load", [(str(self.resume_from / "policy"),)])
+            saved = self._saved(self.resume_from)
+            self.policy.call("load", [(storage.join(self.resume_from, "policy"),)])
             if self.critic is not None:
-                self.critic.call("load", [(str(self.resume_from / "critic"),)])
+                self.critic.call("load", [(storage.join(self.resume_from, "critic"),)])
             self.kl.load_state_dict(saved["kl"])
             self.moments.load_state_dict(saved["moments"])
             self.step = saved["step"]
         self.setup_s = time.perf_counter() - t0
         self.weights, self.weight_bytes = None, 0
         self.sync()  # rollout workers start from the policy's weights (a resumed run's, too)
-        where = f"resumed from {self.resume_from.name}" if self.resume_from else "from the start"
+        where = f"resumed from {self.resume_from.rsplit('/', 1)[1]}" if self.resume_from else "from the start"
         progress_line = (f"[rlhf] {spec.algorithm} on {joined['address']} ({'embedded' if joined['embedded'] else 'joined'}): "
                          f"policy {self.info['params'] / 1e6:.1f}M params ({self.info['trainable'] / 1e6:.2f}M trained, "
                          f"{self.precision}), "
@@ -198,7 +205,8 @@ class Controller:
             roles["reference"] = (lambda i: (data,), 1, {"CPU": spec.reference.cpus, "GPU": spec.reference.gpus}, 0)
         if spec.algorithm == "ppo":
             roles["critic"] = (lambda i: (data,), 1, {"CPU": spec.critic.cpus, "GPU": spec.critic.gpus}, 0)
-        roles["reward"] = (lambda i: (reward_data,), spec.reward.num_actors, {"CPU": spec.reward.cpus},
+        storage_data = spec.output.storage.model_dump(mode="json") if spec.output.storage else None
+        roles["reward"] = (lambda i: (reward_data, self.reward_sources, storage_data), spec.reward.num_actors, {"CPU": spec.reward.cpus},
                            spec.reward.max_restarts)
         if not spec.rollout.colocate:
             roles["rollout"] = (lambda i: (data, i), spec.rollout.num_workers,
@@ -383,37 +391,33 @@ class Controller:
 
     # -- checkpoints ----------------------------------------------------------------------------
 
-    def checkpoint(self) -> pathlib.Path:
-        final = self.run_dir / CHECKPOINTS / f"step_{self.step:06d}"
-        partial = final.with_name(final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        refs = self.policy.async_call("save", [(str(partial / "policy"), {"step": self.step})])
-        if self.critic is not None:
-            refs += self.critic.async_call("save", [(str(partial / "critic"), {"step": self.step})])
+    def checkpoint(self) -> str:
+        """CHECKPOINTS/step_N: the policy's (and critic's) DeepSpeed state written by their actors
+        straight to the run directory's storage, then controller.json, last: only a checkpoint
+        with it is complete.  Older complete ones beyond `keep_checkpoints` and incomplete ones
+        (cut short by a crash) are removed."""
         import ray
 
+        root = storage.join(self.run_dir, CHECKPOINTS)
+        final = storage.join(root, f"step_{self.step:06d}")
+        storage.delete(final, self.cfg)  # an incomplete attempt at this step
+        refs = self.policy.async_call("save", [(storage.join(final, "policy"), {"step": self.step})])
+        if self.critic is not None:
+            refs += self.critic.async_call("save", [(storage.join(final, "critic"), {"step": self.step})])
         ray.get(refs)
         state = {"step": self.step, "kl": self.kl.state_dict(), "moments": self.moments.state_dict(),
                  "config": resolved_dict(self.spec)}
-        (partial / "controller.json").write_text(json.dumps(state, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)  # complete or absent
-        kept = sorted(p for p in final.parent.glob("step_*") if not p.name.endswith(".partial"))
-        for old in kept[:-self.spec.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        storage.write_text(storage.join(final, "controller.json"), json.dumps(state, indent=1), self.cfg)
+        files = storage.list_files(root, self.cfg)
+        names = sorted({f.split("/", 1)[0] for f in files})
+        complete = sorted({f.split("/", 1)[0] for f in files if f.endswith("/controller.json") and f.count("/") == 1})
+        for name in complete[:-self.spec.train.keep_checkpoints] + [n for n in names if n not in complete]:
+            storage.delete(storage.join(root, name), self.cfg)
         return final
 
 
-def _history(path: pathlib.Path, upto: int) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [m for m in lines if m["step"] <= upto]
-
-
-def _rewrite(path: pathlib.Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def _history(uri: str, upto: int, cfg=None) -> list[dict]:
+    return [m for m in storage.read_jsonl(uri, cfg) if m["step"] <= upto]
 
 
 def _line(spec: RlhfSpec, m: dict) -> str:
@@ -429,32 +433,32 @@ def _train(controller: Controller, spec: RlhfSpec, progress) -> dict:
     from lmjobs.rlhf.report import write_report
     from lmjobs.trainer import _TensorBoard
 
-    run_dir = controller.run_dir
-    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
+    run_dir, cfg = controller.run_dir, controller.cfg
+    metrics_path, samples_path = storage.join(run_dir, "metrics.jsonl"), storage.join(run_dir, "samples.jsonl")
     # a killed run may have logged steps past its last checkpoint: they are run again
-    _rewrite(metrics_path, _history(metrics_path, controller.step))
-    _rewrite(samples_path, _history(samples_path, controller.step))
-    tensorboard = _TensorBoard(str(run_dir), spec, "rlhf")
+    storage.write_jsonl(metrics_path, _history(metrics_path, controller.step, cfg), cfg)
+    storage.write_jsonl(samples_path, _history(samples_path, controller.step, cfg), cfg)
+    tensorboard = _TensorBoard(run_dir, spec, "rlhf")
     every = spec.train.checkpoint_every
     start_step = controller.step
     for step in range(controller.step + 1, spec.train.steps + 1):
         metrics, samples = controller.step_once(step)
         metrics["start_step"] = start_step
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        with samples_path.open("a") as f:
-            f.writelines(json.dumps(s) + "\n" for s in samples)
+        storage.append_jsonl(metrics_path, [metrics], cfg)  # s3: one small object a step, not a rewrite
+        storage.append_jsonl(samples_path, samples, cfg)
         tensorboard.log(metrics)
         progress(_line(spec, metrics))
         if (every and step % every == 0) or step == spec.train.steps:
             controller.checkpoint()
     tensorboard.close()
-    export_dir = str(run_dir / "policy")
+    export_dir = storage.join(run_dir, "policy")
     controller.policy.call("export", [(export_dir,)])
-    history = _history(metrics_path, spec.train.steps)
-    report = write_report(spec, history, run_dir)
-    return {"run_dir": str(run_dir), "metrics": str(metrics_path), "policy": export_dir,
-            "checkpoint": str(latest_checkpoint(run_dir)), "steps": spec.train.steps, "start_step": start_step,
+    storage.compact_jsonl(metrics_path, cfg)
+    storage.compact_jsonl(samples_path, cfg)
+    history = _history(metrics_path, spec.train.steps, cfg)
+    report = write_report(spec, history, run_dir, cfg)
+    return {"run_dir": run_dir, "metrics": metrics_path, "policy": export_dir,
+            "checkpoint": latest_checkpoint(run_dir, cfg), "steps": spec.train.steps, "start_step": start_step,
             "info": controller.info, **report}
 
 
@@ -465,7 +469,7 @@ def run(spec: RlhfSpec, progress=print) -> dict:
         out = _train(controller, spec, progress)
     finally:
         controller.stop()
-    (controller.run_dir / "summary.json").write_text(json.dumps(out, indent=1))
+    storage.write_text(storage.join(controller.run_dir, "summary.json"), json.dumps(out, indent=1), controller.cfg)
     return out
 
 

@@ -53,5 +53,15 @@ def plot(spec: RlhfSpec, history: list[dict], path: pathlib.Path) -> str:
     return str(path)
 
 
-def write_report(spec: RlhfSpec, history: list[dict], run_dir: pathlib.Path) -> dict:
-    return {"curves": plot(spec, history, run_dir / "curves.png"), "figures": figures(spec, history)}
+def write_report(spec: RlhfSpec, history: list[dict], run_dir: str, cfg=None) -> dict:
+    """curves.png in the run directory (local or s3://) and the run's figures."""
+    import tempfile
+
+    from cluster import storage
+
+    uri = storage.join(run_dir, "curves.png")
+    with tempfile.TemporaryDirectory(prefix="lmjobs-plot-") as tmp:
+        local = pathlib.Path(tmp) / "curves.png"
+        plot(spec, history, local)
+        storage.write_bytes(uri, local.read_bytes(), cfg)
+    return {"curves": uri, "figures": figures(spec, history)}

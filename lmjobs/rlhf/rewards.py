@@ -8,24 +8,27 @@ import importlib
 import importlib.util
 import json
 import math
-import os
 import pathlib
+import types
 import urllib.request
 from typing import Callable
 
-from lmjobs.rlhf.spec import RewardFunction, RlhfRewardSection
+from lmjobs.rlhf.spec import RlhfRewardSection
 
 
-def load_function(path: str) -> Callable:
-    """`module:function` or `path/to/file.py:function`."""
+def load_function(path: str, source: str | None = None) -> Callable:
+    """`module:function` or `path/to/file.py:function`; with `source` (the file's text, shipped
+    with the job by the driver) the file is built from that text, on whichever node this runs."""
     where, _, name = path.rpartition(":")
     if where.endswith(".py"):
         file = pathlib.Path(where).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"reward.functions: {file} does not exist")
-        spec = importlib.util.spec_from_file_location(f"lmjobs_reward_{file.stem}", file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        if source is None:
+            if not file.is_file():
+                raise FileNotFoundError(f"reward.functions: {file} does not exist")
+            source = file.read_text(encoding="utf-8")
+        module = types.ModuleType(f"lmjobs_reward_{file.stem}")
+        module.__file__ = str(file)
+        exec(compile(source, str(file), "exec"), module.__dict__)  # the user's own reward code, as an import would
     else:
         module = importlib.import_module(where)
     fn = getattr(module, name, None)
@@ -34,28 +37,34 @@ def load_function(path: str) -> Callable:
     return fn
 
 
-def absolute(section: RlhfRewardSection) -> RlhfRewardSection:
-    """File paths resolved against the driver's working directory (actors may run elsewhere)."""
-    def fix(f: RewardFunction) -> RewardFunction:
-        where, _, name = f.path.rpartition(":")
-        if not where.endswith(".py"):
-            return f
-        return f.model_copy(update={"path": f"{os.path.abspath(os.path.expanduser(where))}:{name}"})
-
-    return section.model_copy(update={"functions": [fix(f) for f in section.functions]})
+def shipped(section: RlhfRewardSection) -> tuple[RlhfRewardSection, dict[str, str]]:
+    """(section, sources): every `file.py:fn` read on the driver, its text travelling to the reward
+    actors with the section (a driver path may not exist on their node); modules load by import
+    there (the job's runtime env or the image carries them)."""
+    sources: dict[str, str] = {}
+    for f in section.functions:
+        where = f.path.rpartition(":")[0]
+        if where.endswith(".py"):
+            file = pathlib.Path(where).expanduser()
+            if not file.is_file():
+                raise FileNotFoundError(f"reward.functions: {file} does not exist")
+            sources[f.path] = file.read_text(encoding="utf-8")
+    for f in section.functions:  # fail on a wrong name before any cluster work
+        load_function(f.path, sources.get(f.path))
+    return section, sources
 
 
 class Scorer:
-    def __init__(self, section: RlhfRewardSection):
+    def __init__(self, section: RlhfRewardSection, sources: dict[str, str] | None = None, storage_cfg=None):
         self.section = section
-        self.functions = [(f, load_function(f.path)) for f in section.functions]
+        self.functions = [(f, load_function(f.path, (sources or {}).get(f.path))) for f in section.functions]
         self.model = self.tokenizer = None
         if section.model:
             from transformers import AutoModelForSequenceClassification
 
             from lmjobs.finetune.base import resolve, tokenizer
 
-            directory = resolve(section.model)
+            directory = resolve(section.model, storage_cfg)  # on this actor's node
             self.tokenizer = tokenizer(directory)
             self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
             if self.model.config.pad_token_id is None:  # the score is read at the last real token

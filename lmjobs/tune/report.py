@@ -44,6 +44,7 @@ def collect(campaign_dir: str, cfg: storage.StorageConfig | None = None) -> dict
     files_by_trial: dict[str, set[str]] = {}
     for rel in storage.list_files(trials_dir, cfg):
         trial_id, _, name = rel.partition("/")
+        name = name.split(storage.SEGMENTS + "/")[0]  # an S3 log's appended parts count as the log
         if name in _TRIAL_FILES:
             files_by_trial.setdefault(trial_id, set()).add(name)
     trials = [_trial(trial_id, storage.join(trials_dir, trial_id), files, metric, mode, cfg)
@@ -88,7 +89,7 @@ def _trial(trial_id: str, trial_dir: str, files: set[str], metric: str, mode: st
         return json.loads(storage.read_text(storage.join(trial_dir, name), cfg)) if name in files else None
 
     def read_lines(name):
-        return _json_lines(storage.join(trial_dir, name), cfg) if name in files else []
+        return storage.read_jsonl(storage.join(trial_dir, name), cfg) if name in files else []
 
     info = read_json("trial.json") or {}
     status = read_json("status.json")
@@ -153,22 +154,6 @@ def _trial(trial_id: str, trial_dir: str, files: set[str], metric: str, mode: st
         "first_start": min(start_times, default=None),
         "last_result_time": max(result_times, default=None),
     }
-
-
-def _json_lines(uri: str, cfg) -> list[dict]:
-    lines = storage.read_text(uri, cfg).splitlines()
-    records = []
-    for number, text in enumerate(lines, 1):
-        if not text.strip():
-            continue
-        try:
-            records.append(json.loads(text))
-        except json.JSONDecodeError:
-            if number == len(lines):  # a writer killed mid-append leaves half a last line
-                break
-            raise ValueError(f"{uri}, line {number}: not JSON; the file is damaged "
-                             f"(fix or remove that line and rerun the report)") from None
-    return records
 
 
 def _finite(value) -> bool:

@@ -33,15 +33,10 @@ POINTER = "pointer.json"
 
 
 def _append(uri: str, record: dict, cfg) -> None:
-    """One JSON line appended (s3 has no append: the object is rewritten; these files are small)."""
-    text = storage.read_text(uri, cfg) if storage.exists(uri, cfg) else ""
-    storage.write_text(uri, text + json.dumps(record) + "\n", cfg)
+    storage.append_jsonl(uri, [record], cfg)
 
 
-def read_jsonl(uri: str, cfg) -> list[dict]:
-    if not storage.exists(uri, cfg):
-        return []
-    return [json.loads(line) for line in storage.read_text(uri, cfg).splitlines() if line.strip()]
+read_jsonl = storage.read_jsonl
 
 
 class CampaignReport(UserCallback):
