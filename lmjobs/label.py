@@ -22,18 +22,24 @@ from data_pipelines.labelled import read_manifest, read_split
 from lmjobs.config import LabelSpec
 
 
-def model_dir(path: str) -> str:
+def model_dir(path: str, cfg=None) -> str:
     """A checkpoint directory's hf/, or the directory itself (an export)."""
     hf = storage.join(path, "hf")
-    return hf if storage.exists(storage.join(hf, "config.json")) else path
+    return hf if storage.exists(storage.join(hf, "config.json"), cfg) else path
 
 
 class Labeller:
     """One model replica in the actor pool: tokenise a batch, softmax, best label and its probability."""
 
-    def __init__(self, directory: str, max_len: int):
+    def __init__(self, directory: str, max_len: int, storage_data: dict | None = None):
         import torch
         import transformers
+
+        from cluster.storage import StorageConfig
+        from lmjobs.finetune.base import resolve
+
+        # resolved on this actor's node: an s3:// model is downloaded once per node and checked
+        directory = str(resolve(directory, StorageConfig.model_validate(storage_data) if storage_data else None))
 
         torch.set_num_threads(1)  # one core per replica; the pool provides the parallelism
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -55,7 +61,7 @@ class Labeller:
 
 
 def label_texts(directory: str, texts: list[str], max_len: int = 128, batch_size: int = 64, num_actors: int = 2,
-                cpus_per_actor: float = 0.5) -> tuple[list[str], list[float]]:
+                cpus_per_actor: float = 0.5, storage_cfg=None) -> tuple[list[str], list[float]]:
     """(labels, confidences) of `texts`, in order, from the classifier in `directory` (Ray must be up)."""
     import ray.data
 
@@ -63,7 +69,9 @@ def label_texts(directory: str, texts: list[str], max_len: int = 128, batch_size
         return [], []
     blocks = max(1, min(len(texts) // batch_size, 4 * num_actors))
     ds = ray.data.from_items([{"row": i, "text": t} for i, t in enumerate(texts)], override_num_blocks=blocks)
-    out = ds.map_batches(Labeller, fn_constructor_kwargs={"directory": directory, "max_len": max_len},
+    storage_data = storage_cfg.model_dump(mode="json") if storage_cfg else None
+    out = ds.map_batches(Labeller, fn_constructor_kwargs={"directory": directory, "max_len": max_len,
+                                                          "storage_data": storage_data},
                          batch_size=batch_size, batch_format="numpy", concurrency=(1, num_actors),
                          num_cpus=cpus_per_actor)
     labels: list = [None] * len(texts)
@@ -90,7 +98,9 @@ def run(spec: LabelSpec, progress=print) -> dict:
 
     cfg = spec.output.storage
     source, texts = read_texts(spec.data.source, spec.data.split, spec.data.max_examples, cfg)
-    directory = model_dir(spec.model)
+    from lmjobs.finetune.base import portable, resolve
+
+    directory = portable(model_dir(spec.model, cfg))
     if not storage.exists(storage.join(directory, "config.json"), cfg):
         raise FileNotFoundError(f"model {spec.model}: no config.json or hf/config.json (a fine-tuning checkpoint "
                                 "or an exported directory)")
@@ -100,7 +110,7 @@ def run(spec: LabelSpec, progress=print) -> dict:
     t0 = time.perf_counter()
     progress(f"[label] {len(texts)} rows from {source} with {spec.model} (up to {spec.num_actors} actors)")
     labels, confidences = label_texts(directory, texts, spec.max_seq_len, spec.batch_size, spec.num_actors,
-                                      spec.cpus_per_actor)
+                                      spec.cpus_per_actor, cfg)
     seconds = time.perf_counter() - t0
     lines = "".join(json.dumps({"text": t, "label": lab, "confidence": round(c, 6)}, ensure_ascii=False) + "\n"
                     for t, lab, c in zip(texts, labels, confidences))
@@ -117,7 +127,7 @@ def run(spec: LabelSpec, progress=print) -> dict:
         counts[lab] = counts.get(lab, 0) + 1
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(directory)
+    config = transformers.AutoConfig.from_pretrained(resolve(directory, cfg))
     names = [config.id2label[i] for i in range(config.num_labels)]
     manifest = {"task": "classification", "labels": names,
                 "splits": {"train": {"file": "train.parquet", "rows": len(kept), "label_counts": counts}},

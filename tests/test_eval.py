@@ -91,11 +91,16 @@ def test_icl_scores_identical_across_runs_and_actor_counts_with_reports(ray_clus
     assert "<table>" in pathlib.Path(one["report_html"]).read_text()
 
 
-def test_task_metrics_of_a_fine_tuned_head_equal_a_direct_computation(ray_cluster, tiny_gpt2, tmp_path):
+def test_task_metrics_of_a_fine_tuned_head_equal_a_direct_computation(ray_cluster, tiny_gpt2, tmp_path, s3_bucket):
+    """Only s3:// paths: the data, the model as `run:` over a run directory on S3 (each actor
+    resolves it on its node, a checked per-node copy), the output."""
     import torch
     import transformers
 
+    from cluster import storage
     from data_pipelines.labelled import DataIngestSpec, ingest
+
+    bucket, cfg = s3_bucket
 
     rows = [{"text": f"{w} thing {i}", "label": "pos" if i % 3 else "neg"} for i, w in
             enumerate(["nice", "bad", "fine", "poor"] * 10)]
@@ -103,7 +108,7 @@ def test_task_metrics_of_a_fine_tuned_head_equal_a_direct_computation(ray_cluste
     data = ingest(DataIngestSpec.model_validate({
         "kind": "data_ingest", "name": "toy", "task": "classification", "labels": ["neg", "pos"],
         "inputs": [{"path": str(tmp_path / "d.jsonl"), "format": "jsonl", "split": "dev"}],
-        "output": {"root": str(tmp_path / "data")}}), progress=lambda *_: None)
+        "output": {"root": f"{bucket}/data", "storage": cfg.model_dump(mode="json")}}), progress=lambda *_: None)
     head = tmp_path / "head"
     torch.manual_seed(1)
     config = transformers.GPT2Config.from_pretrained(tiny_gpt2, num_labels=2, id2label={0: "neg", 1: "pos"},
@@ -112,16 +117,18 @@ def test_task_metrics_of_a_fine_tuned_head_equal_a_direct_computation(ray_cluste
     model.save_pretrained(head)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
     tok.save_pretrained(head)
+    storage.upload_dir(head, f"{bucket}/runs/ft/checkpoint_step0000010/hf", cfg)
+    storage.write_text(f"{bucket}/runs/ft/checkpoint_step0000010/train_state.json", '{"step": 10}', cfg)
     spec = load_spec(_write(tmp_path / "tm.yaml", f"""
 kind: eval
 name: tm
-models: [{{name: head, path: {head}}}]
+models: [{{name: head, run: {bucket}/runs/ft}}]
 task_metrics: [{{name: toy-dev, data: {data['dir']}, split: dev, max_seq_len: 24}}]
 compute: {{num_actors: 2, cpus_per_actor: 0.5, batch_size: 7}}
-output: {{root: {tmp_path}/runs}}
+output: {{root: {bucket}/evals, storage: {{endpoint_url: "{cfg.endpoint_url}"}}}}
 """), KINDS)
     out = run(spec, progress=lambda *_: None)
-    figures = out["results"]["head"]["task_metrics"]["toy-dev"]
+    figures = out["results"]["head@10"]["task_metrics"]["toy-dev"]
     enc = tok([r["text"] for r in rows], padding=True, return_tensors="pt")
     with torch.no_grad():
         pred = model(**enc).logits.argmax(-1).tolist()

@@ -34,11 +34,12 @@ TASK_OF_HEAD = {"AutoModelForSequenceClassification": ("classification", "pair_c
 class Model:
     name: str
     path: str  # as the spec gave it
-    directory: str  # a local Hugging Face directory
+    directory: str  # a Hugging Face directory on the driver's node (tokenizer, config)
     head: str  # the transformers Auto class its architecture loads with
     step: int | None  # training step, for checkpoints
     max_positions: int
     vocab_size: int
+    ref: str = ""  # what each actor resolves on its own node: pkg:, s3:// or an absolute path
 
 
 def _head(config) -> str:
@@ -46,37 +47,41 @@ def _head(config) -> str:
     return next((head for suffix, head in HEAD_OF.items() if arch.endswith(suffix)), CAUSAL)
 
 
-def _model(name: str, path: str, step: int | None) -> Model:
+def _model(name: str, path: str, step: int | None, cfg=None) -> Model:
     import transformers
 
-    from lmjobs.finetune.base import resolve
+    from lmjobs.finetune.base import portable, resolve
 
-    directory = resolve(path)
+    directory = resolve(path, cfg)
     config = transformers.AutoConfig.from_pretrained(directory)
-    if step is None:
-        state = directory.parent / "train_state.json"
-        if directory.name == "hf" and state.exists():
-            step = json.loads(state.read_text()).get("step")
+    if step is None:  # an lmjobs checkpoint (local or s3://) records its step beside hf/
+        base = path.rstrip("/")
+        base = base[:-len("/hf")] if base.endswith("/hf") else base
+        state = storage.join(base if storage.is_remote(base) else str(pathlib.Path(base).expanduser().resolve()),
+                             "train_state.json")
+        if not path.startswith("pkg:") and storage.exists(state, cfg):
+            step = json.loads(storage.read_text(state, cfg)).get("step")
     positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
                       if getattr(config, k, None)), 2048)
-    return Model(name, path, str(directory), _head(config), step, int(positions), int(config.vocab_size))
+    return Model(name, path, str(directory), _head(config), step, int(positions), int(config.vocab_size),
+                 portable(path))
 
 
 def resolve_models(spec: EvalSpec) -> list[Model]:
-    models = []
+    models, cfg = [], spec.output.storage
     for i, entry in enumerate(spec.models):
         if entry.path is not None:
             name = entry.name or pathlib.Path(entry.path.rstrip("/")).name.replace("pkg:", "") or f"model{i}"
-            models.append(_model(name, entry.path, None))
+            models.append(_model(name, entry.path, None, cfg))
             continue
-        run = pathlib.Path(entry.run).expanduser()
-        checkpoints = sorted(run.glob("checkpoint_step*/hf/config.json"),
-                             key=lambda p: int(p.parent.parent.name[len("checkpoint_step"):]))
-        if not checkpoints:
+        run = entry.run.rstrip("/") if storage.is_remote(entry.run) else str(pathlib.Path(entry.run).expanduser().resolve())
+        steps = sorted(int(f.split("/", 1)[0][len("checkpoint_step"):]) for f in storage.list_files(run, cfg)
+                       if f.startswith("checkpoint_step") and f.endswith("/hf/config.json") and f.count("/") == 2)
+        if not steps:
             raise FileNotFoundError(f"models[{i}].run {entry.run}: no checkpoint_step*/hf in that run directory")
-        for c in checkpoints:
-            step = int(c.parent.parent.name[len("checkpoint_step"):])
-            models.append(_model(f"{entry.name or run.name}@{step}", str(c.parent.parent), step))
+        for step in steps:
+            models.append(_model(f"{entry.name or run.rsplit('/', 1)[-1]}@{step}",
+                                 storage.join(run, f"checkpoint_step{step:07d}"), step, cfg))
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise SpecError("models", [f"names must be distinct (got {names}); give each a name"])
@@ -374,7 +379,7 @@ def run(spec: EvalSpec, progress=print) -> dict:
     for m, requests, parts in work:
         progress(f"[eval] {m.name}: {len(requests)} batches on {spec.compute.num_actors} actor(s) ({m.directory})")
         t = time.perf_counter()
-        outputs = run_pool(m.directory, m.head, requests, spec.compute)
+        outputs = run_pool(m.ref, m.head, requests, spec.compute, spec.output.storage)
         timing[m.name] = round(time.perf_counter() - t, 2)
         results[m.name] = _read_back(requests, outputs, parts, icl_plans, tm_plans)
 

@@ -28,9 +28,16 @@ IGNORE = -100
 class Scorer:
     """One model replica in the pool."""
 
-    def __init__(self, directory: str, head: str, threads: int, precision: str, use_gpu: bool):
+    def __init__(self, directory: str, head: str, threads: int, precision: str, use_gpu: bool,
+                 storage_data: dict | None = None):
         import torch
         import transformers
+
+        from cluster.storage import StorageConfig
+        from lmjobs.finetune.base import resolve
+
+        # the model as this actor's node has it (pkg:, an s3:// copy cached per node, a local path)
+        directory = resolve(directory, StorageConfig.model_validate(storage_data) if storage_data else None)
 
         torch.set_num_threads(threads)
         self.torch = torch
@@ -136,7 +143,7 @@ class Scorer:
                 for i, it in enumerate(items)]
 
 
-def run_pool(directory: str, head: str, requests: list[dict], compute) -> list[Any]:
+def run_pool(directory: str, head: str, requests: list[dict], compute, storage_cfg=None) -> list[Any]:
     """Each request's result, in order, from a pool of `compute.num_actors` replicas (Ray must be up)."""
     import ray.data
 
@@ -146,7 +153,8 @@ def run_pool(directory: str, head: str, requests: list[dict], compute) -> list[A
     ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * compute.num_actors))
     out = ds.map_batches(Scorer, fn_constructor_kwargs={
         "directory": directory, "head": head, "threads": compute.threads_per_actor,
-        "precision": compute.precision, "use_gpu": compute.gpus_per_actor > 0},
+        "precision": compute.precision, "use_gpu": compute.gpus_per_actor > 0,
+        "storage_data": storage_cfg.model_dump(mode="json") if storage_cfg else None},
         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=compute.num_actors),
         num_cpus=compute.cpus_per_actor, num_gpus=compute.gpus_per_actor or None)
     results: list[Any] = [None] * len(rows)

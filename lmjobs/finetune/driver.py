@@ -205,8 +205,9 @@ def self_train(spec: FinetuneSpec) -> dict:
               + "  ".join(f"{k} {v:.4f}" for k, v in out.get("eval", {}).items()), flush=True)
         if r == st.rounds:
             break
-        labels, confidence = label.label_texts(label.model_dir(out["checkpoint"]), texts, spec.data.max_seq_len,
-                                               spec.eval.eval_batch_size, st.num_actors, st.cpus_per_actor)
+        cfg = spec.output.storage
+        labels, confidence = label.label_texts(label.model_dir(out["checkpoint"], cfg), texts, spec.data.max_seq_len,
+                                               spec.eval.eval_batch_size, st.num_actors, st.cpus_per_actor, cfg)
         pseudo = [{"text": t, "label": lab} for t, lab, c in zip(texts, labels, confidence) if c >= st.threshold]
     summary = {"unlabelled": source, "unlabelled_rows": len(texts), "threshold": st.threshold, "rounds": rounds}
     uri = storage.join(runner.run_dir_of(spec), "self_training.json")
