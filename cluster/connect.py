@@ -6,6 +6,7 @@ Ray locations (`RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, ~/.ray/auth_token).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -105,10 +106,12 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
         # embedded cluster runs on the same machine.
         port = free_port()
         env_vars["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
-                     _node_ip_address=LOOPBACK, runtime_env={**(runtime_env or {}), "env_vars": env_vars}, **common)
+            with loopback_only():
+                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+                ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
+                         _node_ip_address=LOOPBACK, runtime_env={**(runtime_env or {}), "env_vars": env_vars},
+                         **common)
             break
         except Exception as error:  # the port was taken between the probe and the GCS binding it
             if attempt == 2 or "port" not in str(error).lower():
@@ -118,6 +121,34 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
     _embedded = ray.get_runtime_context().gcs_address
     return {"address": _embedded, "embedded": True}
+
+
+# Ray 2.60 replaces a node address of 127.0.0.1 by the machine's own address, and its servers
+# (GCS, raylet, core workers, agents, metrics exporters) then listen on every interface.  Its
+# switch for single-machine clusters keeps the node on loopback, and every one of those servers
+# binds 127.0.0.1 (tests/test_cluster_unit.py lists them).  It is read by each Ray process at
+# start, so it is set while the cluster's processes are started, and in this process's constants.
+SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Ray processes started inside this block bind only to 127.0.0.1 (a single-machine cluster)."""
+    from ray._private import ray_constants  # private; ray is pinned to 2.60.*
+
+    saved_env = {k: os.environ.get(k) for k in SINGLE_MACHINE_ENV}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(SINGLE_MACHINE_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def free_port() -> int:

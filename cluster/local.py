@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from cluster import storage
-from cluster.connect import LOOPBACK, ensure_local_token, ensure_token_auth
+from cluster.connect import LOOPBACK, SINGLE_MACHINE_ENV, ensure_local_token, ensure_token_auth
 
 
 def state_dir() -> pathlib.Path:
@@ -92,6 +92,8 @@ def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265
     if autoscaling_config:
         cmd.append(f"--autoscaling-config={_autoscaling_config(autoscaling_config, port)}")
         env["RAY_FAKE_CLUSTER"] = "1"  # read only by the fake_multinode provider
+    else:  # one machine: every server of the cluster on 127.0.0.1, not only the dashboard (see connect)
+        env.update(SINGLE_MACHINE_ENV)
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     cluster = LocalCluster(gcs_address=f"{LOOPBACK}:{port}",

@@ -80,6 +80,11 @@ def test_status_loopback_and_token_auth(head):
     assert refused.value.code == 401
     listening = {c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == dash and c.status == "LISTEN"}
     assert listening == {"127.0.0.1"}
+    # ... as does every other server of the cluster (GCS, raylet, agents, workers)
+    pids = set(processes_under(temp_dir))
+    exposed = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
+               if c.status == "LISTEN" and c.pid in pids and c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1")}
+    assert pids and not exposed, exposed
     # ... and so do lmjobs' own jobs commands with a wrong token: a clear message, nothing submitted
     wrong = {**env, "RAY_AUTH_TOKEN": "0" * 32}
     for args in (["jobs", "list"], ["submit", str(TINY), "--set", "output.root=/tmp/never"]):

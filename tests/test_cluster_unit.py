@@ -76,3 +76,69 @@ def test_two_embedded_jobs_started_together_both_finish(tmp_path):
     first, second = ([json.loads(line)["loss"] for line in (tmp_path / n / "tiny" / "metrics.jsonl").read_text().splitlines()]
                      for n in ("a", "b"))
     assert first == second
+
+
+# a method each kind of Ray gRPC server has: asked without the token, it must be refused as unauthenticated
+_GRPC_METHODS = ("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.NodeManagerService/GetNodeStats",
+                 "/ray.rpc.CoreWorkerService/NumPendingTasks", "/ray.rpc.ReporterService/GetTraceback")
+
+
+@pytest.mark.ray
+def test_every_server_of_the_embedded_cluster_listens_on_loopback_and_wants_the_token(ray_cluster):
+    """Every listening socket of the session's embedded cluster (GCS, raylet, workers, agents,
+    dashboard, metrics exporters) is bound to 127.0.0.1; each gRPC server refuses a call without
+    the cluster token, and the HTTP APIs answer 401."""
+    import os
+    import time
+    import urllib.error
+    import urllib.request
+
+    import grpc
+    import psutil
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def ping():
+        return os.getpid()
+
+    ray.get(ping.remote())  # a worker process, listening too
+    session = ray._private.worker.global_worker.node.session_name
+    me = psutil.Process()
+    roots = [p for p in me.children(recursive=True) if session in " ".join(p.cmdline())]
+    procs = {me.pid: me}
+    for p in roots:
+        procs.update({q.pid: q for q in [p, *p.children(recursive=True)]})
+    time.sleep(1)
+    listening = [(c.laddr.ip, c.laddr.port, procs[c.pid].name()) for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.pid in procs]
+    names = {name for _, _, name in listening}
+    assert {"gcs_server", "raylet"} <= names and any("DashboardAgent" in n for n in names), names
+    exposed = [entry for entry in listening if entry[0] not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+    refused = {}
+    for _, port, name in listening:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        codes = set()
+        for method in _GRPC_METHODS:
+            try:
+                channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)(b"", timeout=5)
+                codes.add("OK")
+            except grpc.RpcError as error:
+                codes.add(error.code().name)
+        channel.close()
+        if "OK" in codes:
+            raise AssertionError(f"{name} on port {port} answered a call without the token")
+        if "UNAUTHENTICATED" in codes:
+            refused[port] = name
+        elif "UNAVAILABLE" in codes:  # not a gRPC server: HTTP
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs/", timeout=5)
+            except urllib.error.HTTPError as error:
+                if error.code == 401:
+                    refused[port] = name
+            except OSError:
+                pass
+    kinds = set(refused.values())
+    assert {"gcs_server", "raylet"} <= kinds, refused  # the control plane and the node manager
+    assert any(k.startswith("ray::") for k in kinds) and me.name() in kinds, refused  # core workers, driver included
