@@ -13,6 +13,8 @@ export RAY_AUTH_MODE := token
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 PYTEST_ARGS ?=
+# two workers: the session-cluster tests in one, own-cluster and Ray-free tests beside them (tests/conftest.py)
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 
 .PHONY: install demo test test-fast bench clean testbed-up testbed-down
 
@@ -40,10 +42,10 @@ demo: install
 	$(PY) -m lmjobs.demo
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
 # B1 runs nanoGPT's own train.py from a checkout named by NANOGPT_DIR (not on PyPI), B3 TRL's GRPO
 # script in the virtual environment TRL_PYTHON names; without them their rows are the recorded

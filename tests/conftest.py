@@ -91,3 +91,20 @@ def tiny_gpt2(tmp_path_factory):
                                     bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1)
     transformers.GPT2LMHeadModel(config).save_pretrained(out)
     return str(out)
+
+
+# Two pytest workers share the 2 cores (`make test`: -n 2 --dist loadgroup).  Every test on the
+# session's Ray cluster runs in one worker, in order, so there is still one shared cluster; the
+# modules that start clusters of their own (a CLI head, the fake autoscaler, the 3-node testbed)
+# each stay whole in one worker, and tests without Ray go wherever there is room.  Much of the
+# own-cluster tests' time is waiting (nodes joining and leaving, backoffs), which the other
+# worker fills.
+OWN_CLUSTERS = {"test_cluster_jobs.py", "test_autoscaling.py", "test_multinode.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_cluster" in item.fixturenames or item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("session-cluster"))
+        elif item.path.name in OWN_CLUSTERS:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
