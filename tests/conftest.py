@@ -93,18 +93,42 @@ def tiny_gpt2(tmp_path_factory):
     return str(out)
 
 
-# Two pytest workers share the 2 cores (`make test`: -n 2 --dist loadgroup).  Every test on the
-# session's Ray cluster runs in one worker, in order, so there is still one shared cluster; the
-# modules that start clusters of their own (a CLI head, the fake autoscaler, the 3-node testbed)
-# each stay whole in one worker, and tests without Ray go wherever there is room.  Much of the
-# own-cluster tests' time is waiting (nodes joining and leaving, backoffs), which the other
-# worker fills.
+# Two pytest workers share the 2 cores (`make test`: -n 2 --dist loadgroup).  Every module with
+# tests on the session's Ray cluster runs in one worker, in order, so there is still one shared
+# cluster; the modules that start clusters of their own (a CLI head, the fake autoscaler, the
+# 3-node testbed) each stay whole in one worker, and the other tests go wherever there is room.
+# Much of the own-cluster tests' time is waiting (nodes joining and leaving, backoffs), which the
+# other worker fills.  (xdist's own `xdist_group` marks do nothing with pytest 9, whose node ids
+# xdist can no longer rename, so the grouping is a scheduler of ours, by module.)
+SESSION_CLUSTER_MODULES = {
+    "test_cluster_unit.py", "test_e2e.py", "test_eval.py", "test_finetune.py", "test_preference.py",
+    "test_prepare.py", "test_pretrain.py", "test_pretrain_invariance.py", "test_pretrain_objectives.py",
+    "test_rlhf.py", "test_tune.py"}
 OWN_CLUSTERS = {"test_cluster_jobs.py", "test_autoscaling.py", "test_multinode.py"}
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "ray_cluster" in item.fixturenames or item.get_closest_marker("ray"):
-            item.add_marker(pytest.mark.xdist_group("session-cluster"))
-        elif item.path.name in OWN_CLUSTERS:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    """A new module with tests on the session cluster must join SESSION_CLUSTER_MODULES, or two
+    workers would each start a session cluster."""
+    if not getattr(config, "workerinput", None):
+        return
+    stray = sorted({i.path.name for i in items if ("ray_cluster" in i.fixturenames or i.get_closest_marker("ray"))
+                    and i.path.name not in SESSION_CLUSTER_MODULES})
+    if stray:
+        raise pytest.UsageError(f"tests/conftest.py: add {', '.join(stray)} to SESSION_CLUSTER_MODULES "
+                                "(they use the session's Ray cluster)")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ClusterScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            if module in SESSION_CLUSTER_MODULES:
+                return "session-cluster"
+            return module if module in OWN_CLUSTERS else nodeid
+
+    return ClusterScheduling(config, log)

@@ -179,20 +179,24 @@ def lmjobs_export(ray_cluster, tmp_path_factory) -> str:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_sft_lora_from_lmjobs_pretrain_export(ray_cluster, tmp_path, lmjobs_export):
-    """Transfer: lmjobs' own export -> SFT with LoRA on Alpaca; the held-out response loss falls;
-    the merged export loads in plain transformers (no LoRA weights left).  Full fine-tuning is the
-    path every other test here takes."""
+def test_sft_lora_from_lmjobs_pretrain_export(ray_cluster, tmp_path, lmjobs_export, s3_bucket):
+    """Transfer: lmjobs' own export, read from s3:// (`model.base`; each worker resolves it on its
+    own node, a checked per-node copy) -> SFT with LoRA on Alpaca; the held-out response loss
+    falls; the merged export loads in plain transformers (no LoRA weights left).  Full
+    fine-tuning is the path every other test here takes."""
     from lmjobs.finetune.driver import run
+
+    bucket, cfg = s3_bucket
+    storage.upload_dir(lmjobs_export, f"{bucket}/models/tiny-llama", cfg)
 
     rows = json.loads((SHARED / "sft_alpaca" / "alpaca_data_sample.json").read_text())[:160]
     (tmp_path / "alpaca.json").write_text(json.dumps(rows))
     data = _ingest(tmp_path, "alpaca", "sft", [{"path": str(tmp_path / "alpaca.json"), "format": "json",
                                                  "columns": {"prompt": ["instruction", "input"], "response": "output"}}])
     model = {"lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"}}
-    spec = _spec(tmp_path, "sft", lmjobs_export,
+    spec = _spec(tmp_path, "sft", f"{bucket}/models/tiny-llama",
                  {"source": data, "eval_split": None, "eval_fraction": 0.15, "max_seq_len": 128},
-                 model=model, optim={"lr": 1e-2, "warmup_steps": 2},
+                 model=model, optim={"lr": 1e-2, "warmup_steps": 2}, output={"storage": cfg.model_dump(mode="json")},
                  train={"steps": 20, "micro_batch_size": 4}, eval={"num_generations": 2, "max_new_tokens": 8})
     out = run(spec)
     assert out["eval"]["loss"] < out["baseline"]["loss"] - 0.05, (out["baseline"], out["eval"])
