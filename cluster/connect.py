@@ -91,7 +91,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
             # and a dead trial's placement group is then never removed
             env = {"RAY_ADDRESS": target, **((runtime_env or {}).get("env_vars") or {})}
             runtime_env = {**(runtime_env or {}), "env_vars": env}
-        ray.init(address=target, runtime_env=runtime_env, **common)
+        with loopback_only() if is_loopback(target) else contextlib.nullcontext():
+            ray.init(address=target, runtime_env=runtime_env, **common)
         _joined = target
         return {"address": target, "embedded": False}
     # every process of an embedded cluster's job inherits this: deprecation notices of Ray's,
@@ -129,6 +130,28 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
 # binds 127.0.0.1 (tests/test_cluster_unit.py lists them).  It is read by each Ray process at
 # start, so it is set while the cluster's processes are started, and in this process's constants.
 SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def is_loopback(address: str) -> bool:
+    """Is `address` a cluster that listens on loopback only (an embedded one, `lmjobs cluster up`)?
+    Joining one, this driver must stay on 127.0.0.1 too, or Ray looks for the GCS at the
+    machine's own address.  A cluster on 127.0.0.1 that also listens on that address (a plain
+    `ray start --head`) is joined as Ray does by default."""
+    import socket
+
+    from ray._private.services import node_ip_address_from_perspective  # private; ray pinned to 2.60.*
+
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if host.strip("[]") not in ("127.0.0.1", "localhost", "::1") or not port.isdigit():
+        return False
+    own = node_ip_address_from_perspective()
+    if own.startswith("127.") or own == "::1":
+        return True
+    try:
+        socket.create_connection((own, int(port)), timeout=1).close()
+    except OSError:
+        return True
+    return False
 
 
 @contextlib.contextmanager

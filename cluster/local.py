@@ -7,6 +7,7 @@ descendants): other Ray clusters on the machine are left alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -20,7 +21,8 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from cluster import storage
-from cluster.connect import LOOPBACK, SINGLE_MACHINE_ENV, ensure_local_token, ensure_token_auth
+from cluster.connect import (LOOPBACK, SINGLE_MACHINE_ENV, ensure_local_token, ensure_token_auth, is_loopback,
+                             loopback_only)
 
 
 def state_dir() -> pathlib.Path:
@@ -172,7 +174,8 @@ def status(address: str | None = None) -> dict:
     if address is None and cluster is None:
         raise RuntimeError("no local cluster is running; start one with `lmjobs cluster up`, or pass --address")
     gcs = address or cluster.gcs_address
-    ray.init(address=gcs, logging_level="ERROR", log_to_driver=False)
+    with loopback_only() if is_loopback(gcs) else contextlib.nullcontext():
+        ray.init(address=gcs, logging_level="ERROR", log_to_driver=False)
     try:
         info = {
             "address": gcs,
