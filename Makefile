@@ -13,8 +13,9 @@ export RAY_AUTH_MODE := token
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
 PYTEST_ARGS ?=
-# two workers: the session-cluster tests in one, own-cluster and Ray-free tests beside them (tests/conftest.py)
-PYTEST_PARALLEL ?= -n 2 --dist loadgroup
+# one process by default; PYTEST_PARALLEL="-n 2 --dist loadgroup" runs two workers (the session-cluster
+# tests in one, own-cluster and Ray-free tests beside them: tests/conftest.py), not yet green in CI
+PYTEST_PARALLEL ?=
 
 .PHONY: install demo test test-fast bench clean testbed-up testbed-down
 
