@@ -116,7 +116,7 @@ def _lmjobs(tb, *args: str) -> list[str]:
 def _history(uri: str, cfg) -> list[dict]:
     from cluster import storage
 
-    return [json.loads(line) for line in storage.read_text(uri, cfg).splitlines() if line]
+    return storage.read_jsonl(uri, cfg)  # the file and its S3 append parts (folded in at the run's end)
 
 
 def test_pretrain_survives_a_lost_node_from_its_s3_checkpoint(three_nodes):
