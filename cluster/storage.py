@@ -223,10 +223,19 @@ def read_jsonl(uri: str, cfg: StorageConfig | None = None) -> list[dict]:
     """Every record of a JSON-lines log (the file, then its S3 segments in order); [] when absent.
     A writer killed mid-line leaves half a last line, which is dropped; a damaged line anywhere
     else is an error naming the file and the line."""
-    parts = ([uri] if exists(uri, cfg) else []) + _segments(uri, cfg)
+    return _read_parts(uri, _segments(uri, cfg), cfg)
+
+
+def _read_parts(uri: str, segments: list[str], cfg: StorageConfig | None) -> list[dict]:
     records = []
-    for part in parts:
-        lines = read_text(part, cfg).splitlines()
+    for part in ([uri] if exists(uri, cfg) else []) + segments:
+        try:
+            lines = read_text(part, cfg).splitlines()
+        except FileNotFoundError:
+            if part == uri:
+                raise
+            # folded into the file by a compaction between our listing and this read: read again
+            return read_jsonl(uri, cfg)
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -240,18 +249,22 @@ def read_jsonl(uri: str, cfg: StorageConfig | None = None) -> list[dict]:
     return records
 
 
-def write_jsonl(uri: str, records: list[dict], cfg: StorageConfig | None = None) -> None:
-    """Replace a JSON-lines log with exactly `records` (atomic), its S3 segments folded in."""
-    segments = _segments(uri, cfg)
+def write_jsonl(uri: str, records: list[dict], cfg: StorageConfig | None = None,
+                segments: list[str] | None = None) -> None:
+    """Replace a JSON-lines log with exactly `records` (atomic), its S3 segments folded in
+    (`segments`: only those, the ones the records were read from; default: all there are)."""
+    segments = _segments(uri, cfg) if segments is None else segments
     write_text(uri, "".join(json.dumps(r) + "\n" for r in records), cfg)
     for segment in segments:
         delete(segment, cfg)
 
 
 def compact_jsonl(uri: str, cfg: StorageConfig | None = None) -> None:
-    """Fold an S3 log's segments into the one object (at the end of a run); local: nothing to do."""
-    if _segments(uri, cfg):
-        write_jsonl(uri, read_jsonl(uri, cfg), cfg)
+    """Fold an S3 log's segments into the one object (at the end of a run); local: nothing to do.
+    Only the segments it read are folded and deleted: one a writer adds meanwhile stays."""
+    segments = _segments(uri, cfg)
+    if segments:
+        write_jsonl(uri, _read_parts(uri, segments, cfg), cfg, segments)
 
 
 # -- directories that actors write and read on their own node -----------------------------------
