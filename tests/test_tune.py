@@ -102,6 +102,7 @@ def test_campaign_spec_errors_name_the_field(keyword_task, tmp_path):
     assert "optim.* fields only" in problems(scheduler={"kind": "pbt", "mutations": {"train.micro_batch_size": {
         "choice": [8, 16]}}})
     assert "scheduler.mutations" in problems(scheduler={"kind": "asha", "mutations": {"optim.lr": {"choice": [1]}}})
+    assert "scheduler.synch" in problems(scheduler={"kind": "asha", "synch": True})
     assert "base:" in problems(base=str(tmp_path / "missing.yaml"))
     assert "not kind 'pretrain'" in problems(base={"kind": "pretrain", "name": "p"})
     good = load_spec(_write(tmp_path, _campaign(keyword_task, "good", searcher={"kind": "grid"}, budget={
@@ -271,8 +272,12 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(ray_cluster, keyword_t
     from lmjobs.tune.driver import run
 
     body = _campaign(keyword_task, "pbt", budget={"num_trials": 2}, space={"optim.lr": {"loguniform": [1e-3, 3e-2]}},
-                     scheduler={"kind": "pbt", "perturbation_interval": 1.0, "quantile_fraction": 0.5,
-                                "resample_probability": 0.5, "mutations": {"optim.lr": {"loguniform": [1e-3, 3e-2]}}},
+                     scheduler={"kind": "pbt", "perturbation_interval": 1.5, "quantile_fraction": 0.5,
+                                "resample_probability": 0.5, "mutations": {"optim.lr": {"loguniform": [1e-3, 3e-2]}},
+                                # synchronous: the weaker trial meets the stronger at each point, however
+                                # far apart their starts were (asynchronous, a trial that already ended
+                                # is no donor: seen to leave the campaign without an exploit)
+                                "synch": True},
                      seed=3)
     spec = load_spec(_write(keyword_task["tmp"], body), KINDS)
     out = run(spec)

@@ -124,7 +124,7 @@ def _scheduler(spec: TuneSpec, max_epochs: float):
         return PopulationBasedTraining(time_attr="epoch", perturbation_interval=s.perturbation_interval,
                                        hyperparam_mutations={k: d.to_tune() for k, d in s.mutations.items()},
                                        quantile_fraction=s.quantile_fraction,
-                                       resample_probability=s.resample_probability)
+                                       resample_probability=s.resample_probability, synch=s.synch)
     return FIFOScheduler()
 
 

@@ -84,6 +84,9 @@ class SchedulerSection(Section):
     mutations: dict[str, Domain] = {}  # pbt: fields resampled or perturbed (x0.8 / x1.2) on exploit
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # pbt: bottom share copies the top share
     resample_probability: float = Field(0.25, ge=0, le=1)
+    # pbt: wait at each perturbation point until every running trial reaches it, then exploit
+    # (reproducible decisions; costs a pause and restart of each trial there)
+    synch: bool = False
 
 
 class BudgetSection(Section):
@@ -161,6 +164,8 @@ class TuneSpec(JobSpec):
                                      "continues from another trial's weights and optimizer state)")
         elif self.scheduler.mutations:
             raise ValueError(f"scheduler.mutations: for scheduler.kind pbt, not {self.scheduler.kind}")
+        elif self.scheduler.synch:
+            raise ValueError(f"scheduler.synch: for scheduler.kind pbt, not {self.scheduler.kind}")
         self.base_spec()  # the base and every value of the space make valid fine-tune specs
         return self
 
