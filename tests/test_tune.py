@@ -202,7 +202,7 @@ def test_asha_campaign_survives_driver_kill_reports_and_exports(ray_cluster, key
 
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for(lambda: len(ended()) >= 2 and running(), 400, "two trials ended while another runs")
+        _wait_for(lambda: len(ended()) >= 2 and running(), 600, "two trials ended while another runs")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
