@@ -197,12 +197,21 @@ def test_asha_campaign_survives_driver_kill_reports_and_exports(ray_cluster, key
     def ended() -> dict[str, str]:
         return {p.parent.name: json.loads(p.read_text())["status"] for p in trials.glob("*/status.json")}
 
-    def running() -> set[str]:
-        return {p.parent.name for p in trials.glob("*/results.jsonl")} - set(ended())
+    def running() -> set[str]:  # started (an attempt recorded at its start), not ended: ASHA may stop a
+        # trial at its first report, so a first result is no sign of a trial that goes on
+        return {p.parent.name for p in trials.glob("*/attempts.jsonl")} - set(ended())
 
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp / "asha-first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def alive() -> bool:  # a driver that ended on its own fails the test now, with its output
+        assert first.poll() is None, f"the campaign driver exited ({first.returncode}) before it was killed:\n" + \
+            log.read_text()[-5000:]
+        return True
+
     try:
-        _wait_for(lambda: len(ended()) >= 2 and running(), 600, "two trials ended while another runs")
+        _wait_for(lambda: alive() and len(ended()) >= 2 and running(), 600, "two trials ended while another runs")
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     finally:
