@@ -85,7 +85,7 @@ def up(num_cpus: int | None = None, port: int = 6379, dashboard_port: int = 8265
     if existing and _processes(existing):
         raise RuntimeError(f"a local cluster started by lmjobs is already running at {existing.gcs_address}; "
                            "`lmjobs cluster down` first")
-    num_cpus = num_cpus or os.cpu_count() or 1
+    num_cpus = (os.cpu_count() or 1) if num_cpus is None else num_cpus  # 0: a head that runs no work
     cmd = [_ray_bin(), "start", "--head", f"--node-ip-address={LOOPBACK}", f"--port={port}",
            f"--dashboard-host={LOOPBACK}", f"--dashboard-port={dashboard_port}",
            f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]

@@ -28,6 +28,9 @@ class ScalingSection(Section):
     # more resources each Train worker needs besides CPU/GPU (e.g. {"accelerator_type:H100": 0.001} or a
     # node type's custom resource): an autoscaling cluster starts nodes that offer them
     worker_resources: dict[str, float] = {}
+    # how long a job given a cluster address waits for room for its workers (an autoscaler booting
+    # nodes) before it fails naming what is missing; the default covers a cloud node's boot
+    capacity_timeout_s: float = Field(900.0, gt=0)
 
     @pydantic.field_validator("worker_resources")
     @classmethod

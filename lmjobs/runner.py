@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import yaml
 
-from cluster import storage
+from cluster import capacity, storage
 from cluster.connect import connect, is_embedded
 from cluster.spec import resolved_dict
 from lmjobs.config import TrainJobSpec
@@ -145,13 +145,19 @@ def _only_allowed(before: Any, after: Any) -> bool:
 
 
 def _stats_actor_here() -> None:
-    """Ray Data keeps one detached stats actor per cluster, pinned to the node of whoever first
-    runs a dataset.  Here that would be a Train worker, so an autoscaled worker node would host it
-    and never count as idle (seen: a fake-multinode trainer node kept forever after the job).
-    Create it from the driver, on the driver's node."""
-    from ray.data._internal.stats import get_or_create_stats_actor  # private; ray pinned to 2.60.*
+    """Ray Data keeps two detached actors per cluster, its stats actor and its autoscaling
+    coordinator, each pinned to the node of whoever first runs a dataset.  Here that would be a
+    Train worker or a Tune trial, so an autoscaled worker node would host them and never count as
+    idle (seen: a fake-multinode trainer node kept forever after a job, for each of the two).
+    Create them from the driver, on the driver's node."""
+    # private; ray pinned to 2.60.*
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+    from ray.data._internal.stats import get_or_create_stats_actor
 
     get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()
 
 
 def _job_env_vars() -> dict:
@@ -234,6 +240,11 @@ def launch(prepared: Prepared, run_dir: str | None = None, *, callbacks: tuple =
     return fit(spec, worker_loop, config, datasets, run_dir, callbacks=callbacks, checkpoint_score=checkpoint_score)
 
 
+def worker_bundle(scaling) -> dict:
+    """What one Train worker holds (its ScalingConfig resources_per_worker, plus its GPU)."""
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": 1.0} if scaling.use_gpu else {}), **scaling.worker_resources}
+
+
 def fit(spec: TrainJobSpec, loop, loop_config: dict, datasets: dict, run_dir: str, callbacks: tuple = (),
         checkpoint_score: tuple[str, str] | None = None):
     """One TorchTrainer run of `loop` (checkpoints in the run dir, restarts from the last one);
@@ -249,7 +260,7 @@ def fit(spec: TrainJobSpec, loop, loop_config: dict, datasets: dict, run_dir: st
         loop, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-            resources_per_worker={"CPU": spec.scaling.cpus_per_worker, **spec.scaling.worker_resources}),
+            resources_per_worker=worker_bundle(spec.scaling)),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=spec.train.keep_checkpoints, **score),
@@ -258,6 +269,11 @@ def fit(spec: TrainJobSpec, loop, loop_config: dict, datasets: dict, run_dir: st
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets=datasets, dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
+    if not is_embedded():  # a cluster given by address may have to grow first: a bounded wait
+        capacity.wait_for([worker_bundle(spec.scaling)] * spec.scaling.num_workers,
+                          timeout_s=spec.scaling.capacity_timeout_s, field="scaling.capacity_timeout_s",
+                          what=f"{spec.scaling.num_workers} Train worker(s)",
+                          hint="lower scaling.num_workers or scaling.cpus_per_worker, or add nodes")
     result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -15,7 +15,7 @@ import pathlib
 import time
 from typing import Any
 
-from cluster import storage
+from cluster import capacity, storage
 from cluster.spec import SpecError, resolved_dict
 from lmjobs.evaluate import icl as icl_mod
 from lmjobs.evaluate.scoring import batched, run_pool
@@ -374,6 +374,10 @@ def run(spec: EvalSpec, progress=print) -> dict:
         work.append((m, requests, parts))
 
     joined = connect(spec.address)
+    c = spec.compute
+    capacity.wait_for([{"CPU": c.cpus_per_actor, "GPU": c.gpus_per_actor}] * c.num_actors, timeout_s=c.capacity_timeout_s,
+                      field="compute.capacity_timeout_s", what=f"{c.num_actors} eval actor(s)", fixed=joined["embedded"],
+                      hint="lower compute.num_actors or compute.cpus_per_actor", log=progress)
     results: dict[str, dict] = {}
     timing: dict[str, float] = {}
     for m, requests, parts in work:

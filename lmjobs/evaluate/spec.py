@@ -163,6 +163,9 @@ class ComputeSection(Section):
     threads_per_actor: int = Field(1, ge=1)  # fixed, so scores do not depend on where an actor lands
     batch_size: int = Field(8, ge=1)  # sequences per forward pass
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: faster on CPUs with AVX-512 BF16 and on GPUs
+    # how long the run waits for room for its actors (an autoscaler booting nodes) before failing
+    # with what is missing; the default covers a cloud node's boot
+    capacity_timeout_s: float = Field(900.0, gt=0)
 
 
 class EvalOutput(Section):

@@ -399,34 +399,18 @@ class Placement:
     """One placement group with a bundle per actor of every role, reserved before any actor starts;
     a restarted actor comes back into its own bundle."""
 
-    def __init__(self, bundles: list[tuple[str, int, dict]], strategy: str, timeout_s: float, fixed: bool = False):
+    def __init__(self, bundles: list[tuple[str, int, dict]], strategy: str, timeout_s: float, fixed: bool = False,
+                 log=print):
         """fixed: the cluster cannot grow (the embedded one): a reservation larger than it fails at
         once.  Otherwise the wait is bounded by timeout_s (an autoscaler may be booting nodes)."""
-        from ray.util.placement_group import placement_group
+        from cluster import capacity
 
         self.index = {(role, i): k for k, (role, i, _) in enumerate(bundles)}
-        shapes = [{key: value for key, value in b.items() if value} for _, _, b in bundles]
-        need = {k: round(sum(b.get(k, 0) for _, _, b in bundles), 3) for k in ("CPU", "GPU")}
-        has = ray.cluster_resources()
-        if fixed and any(need[k] > has.get(k, 0.0) + 1e-9 for k in need):
-            raise RuntimeError(self._refusal(need, len(bundles), strategy, "this cluster has only", has))
-        self.group = placement_group(shapes, strategy=strategy)
-        try:
-            ray.get(self.group.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(self.group)
-            raise RuntimeError(self._refusal(need, len(bundles), strategy,
-                                             f"the cluster could not reserve them in {timeout_s:.0f} s "
-                                             "(placement_timeout_s); it has", ray.cluster_resources())) from None
-
-    @staticmethod
-    def _refusal(need: dict, actors: int, strategy: str, why: str, has: dict) -> str:
-        missing = {k: round(need[k] - has.get(k, 0.0), 3) for k in need if need[k] > has.get(k, 0.0) + 1e-9}
-        return (f"placement: the roles need {need} ({actors} actors, {strategy}) but {why} "
-                f"{ {k: v for k, v in has.items() if k in ('CPU', 'GPU', 'memory')} }"
-                + (f", missing {missing}" if missing else "")
-                + "; lower the roles' cpus/gpus or rollout.num_workers, or colocate the reference / rollout "
-                  "with the policy")
+        self.group = capacity.reserve(
+            [b for _, _, b in bundles], timeout_s=timeout_s, field="placement_timeout_s", strategy=strategy,
+            what=f"placement: the roles ({len(bundles)} actors)", fixed=fixed, log=log,
+            hint="lower the roles' cpus/gpus or rollout.num_workers, or colocate the reference / rollout "
+                 "with the policy")
 
     def strategy(self, role: str, i: int) -> dict:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

@@ -158,7 +158,7 @@ class Controller:
         if spec.placement != "none":
             self.placement = actors.Placement([(role, i, res) for role, (_, count, res, _) in roles.items()
                                                for i in range(count)], spec.placement, spec.placement_timeout_s,
-                                               fixed=joined["embedded"])
+                                               fixed=joined["embedded"], log=log)
         # the cores the roles' threads share: the embedded cluster's; on a cluster given by address the
         # CPUs of the node(s) the roles were placed on (never this driver's machine)
         self.cores = spec.threads or (max(1, int(ray.cluster_resources().get("CPU", 1))) if joined["embedded"]

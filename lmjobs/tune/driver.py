@@ -22,7 +22,7 @@ import warnings
 
 import yaml
 
-from cluster import storage
+from cluster import capacity, storage
 from cluster.spec import resolved_dict
 from lmjobs import runner
 from lmjobs.tune.spec import TuneSpec, campaign_dir
@@ -196,6 +196,13 @@ def run(spec: TuneSpec) -> dict:
     joined = runner.join_cluster(spec.address)
     # PBT restarts each exploiting trial's actor on purpose: its trainer is a new Train run
     warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+    base = spec.trial_spec({}, "probe", cdir)
+    if not joined["embedded"]:  # a cluster that may still grow (from zero workers): room for one trial first
+        capacity.wait_for([b for b in [{"CPU": spec.trial.driver_cpus}] if b["CPU"]]
+                          + [runner.worker_bundle(base.scaling)] * spec.trial.num_workers,
+                          timeout_s=spec.trial.capacity_timeout_s, field="trial.capacity_timeout_s",
+                          what="one trial (its driver and workers)",
+                          hint="lower trial.num_workers or trial.cpus_per_worker, or add nodes")
     res = ray.cluster_resources()
     running = concurrency(spec, res.get("CPU", 0.0), res.get("GPU", 0.0), joined["embedded"])
     node_cpus = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]), default=1.0)
@@ -213,7 +220,6 @@ def run(spec: TuneSpec) -> dict:
     storage_path, filesystem = storage.train_storage(root, cfg)
     path = storage.join(cdir, TUNE_DIR) if not storage.is_remote(cdir) else storage_path + "/" + TUNE_DIR
     ledger = _Ledger(spec, cdir)
-    base = spec.trial_spec({}, "probe", cdir)
     max_epochs = base.train.epochs or 1e4  # steps-based bases: each trial ends by itself
     if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
         print(f"[tune] continuing the campaign in {cdir} (finished trials are kept; errored ones: "

@@ -105,6 +105,9 @@ class TrialSection(Section):
     driver_cpus: float = Field(0.1, ge=0)  # the trial driver waits on its trainer; it needs little
     # torch threads of each worker; None: the node's cores shared among the trials that run at once
     threads_per_worker: int | None = Field(None, ge=1)
+    # on a cluster given by address: how long the campaign waits for room for one trial, and each
+    # trial for its workers (an autoscaler booting nodes), before failing with what is missing
+    capacity_timeout_s: float = Field(900.0, gt=0)
 
 
 class ResumeSection(Section):
@@ -196,7 +199,8 @@ class TuneSpec(JobSpec):
         data.update(name=name)
         data["scaling"] = {**data.get("scaling", {}), "address": None, "num_workers": self.trial.num_workers,
                            "cpus_per_worker": self.trial.cpus_per_worker, "use_gpu": self.trial.use_gpu,
-                           "threads_per_worker": self.trial.threads_per_worker or threads}
+                           "threads_per_worker": self.trial.threads_per_worker or threads,
+                           "capacity_timeout_s": self.trial.capacity_timeout_s}
         data["output"] = {"root": root, "storage": self.output.storage.model_dump(mode="json")}
         try:
             return FinetuneSpec.model_validate(data)
