@@ -84,10 +84,13 @@ def _kill_one(address: str, class_name: str) -> int:
 
 
 @pytest.mark.ray
-def test_grpo_learns_the_reward_within_kl_and_survives_rollout_and_reward_kills(ray_cluster, tiny_gpt2, tmp_path):
+def test_grpo_learns_the_reward_within_kl_and_survives_rollout_reward_and_policy_kills(ray_cluster, tiny_gpt2,
+                                                                                      tmp_path):
     """GRPO on a random 2-layer GPT-2: the reward (share of vowels) rises, the KL stays under its
     target.  A rollout worker and then the reward actor are SIGKILLed mid-run: both are restarted,
-    their share of the step asked again, and the run ends with every planned step."""
+    their share of the step asked again.  Then the policy actor, which cannot restart in place: every
+    role starts again from the step-8 checkpoint within the same run.  The run ends with every
+    planned step logged once."""
     spec = load_spec(write_spec(tmp_path, tiny_gpt2, "grpo", train__steps=20), KINDS)
     outcome: dict = {}
     failure: list = []
@@ -105,11 +108,24 @@ def test_grpo_learns_the_reward_within_kl_and_survives_rollout_and_reward_kills(
     killed_rollout = _kill_one(ray_cluster, "RolloutActor")
     _wait_for(lambda: _logged(metrics, 8) or not worker.is_alive(), 300, "step 8")
     killed_reward = _kill_one(ray_cluster, "RewardActor")
+
+    def restarted_reward_then_checkpoint() -> bool:  # the policy is killed after a checkpoint that follows both
+        try:
+            seen = next(m["step"] for m in history(metrics) if m["reward_restarts"] >= 1)
+        except (StopIteration, FileNotFoundError, ValueError, KeyError):
+            return False
+        return any((tmp_path / "runs" / "grpo-tiny" / "checkpoints" / f"step_{k:06d}" / "controller.json").exists()
+                   for k in range(seen, 21) if k % 4 == 0)
+
+    _wait_for(lambda: restarted_reward_then_checkpoint() or not worker.is_alive(), 300, "a checkpoint after both")
+    _kill_one(ray_cluster, "PolicyActor")
     worker.join(timeout=600)
     assert not failure, failure
     rows = history(outcome["metrics"])
     assert [m["step"] for m in rows] == list(range(1, 21))
-    assert rows[-1]["rollout_restarts"] >= 1 and rows[-1]["reward_restarts"] >= 1, rows[-1]
+    assert max(m["rollout_restarts"] for m in rows) >= 1 and max(m["reward_restarts"] for m in rows) >= 1
+    resumed = outcome["start_step"]  # the policy's loss restarted every role from a checkpoint
+    assert resumed >= 4 and resumed % 4 == 0 and {m["start_step"] for m in rows if m["step"] > resumed} == {resumed}
     from ray.util.state import list_actors
 
     assert killed_rollout not in [a.pid for a in list_actors(address=ray_cluster, filters=[("state", "=", "ALIVE")])]

@@ -19,6 +19,16 @@ import ray
 ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
 
 
+class RoleLost(RuntimeError):
+    """An actor of a role died more often than the role may restart (the policy, reference and
+    critic never restart in place: their state is the run's)."""
+
+
+# what a lost node (or a role's actor that died for good) raises in the driver: the whole run then
+# restarts from its last checkpoint (train.max_failures)
+LOST_ERRORS = (RoleLost, *ACTOR_ERRORS, ray.exceptions.ObjectLostError)
+
+
 def _threads(n: int | None) -> None:
     import torch
 
@@ -472,7 +482,7 @@ class ActorGroup:
                 except ACTOR_ERRORS as exc:
                     failures += 1
                     if failures > self.max_restarts:
-                        raise RuntimeError(f"{self.role} actor {i} died {failures} times{what}; giving up "
+                        raise RoleLost(f"{self.role} actor {i} died {failures} times{what}; giving up "
                                            f"({type(exc).__name__})") from exc
                     self.log(f"[rlhf] {self.role} actor {i} died{what} ({type(exc).__name__}); "
                              "waiting for its restart, then asking again")

@@ -10,7 +10,9 @@
 
 `ray.get` happens only at phase boundaries.  A rollout or reward actor that dies is restarted
 and its share of the phase asked again (a restarted rollout worker first gets the weights); the
-policy, critic and controller state are checkpointed, and running the command again resumes.
+policy, critic and controller state are checkpointed, and running the command again resumes.  A
+policy, reference or critic actor lost (or a whole node) restarts every role from the last
+checkpoint within the same run (`train.max_failures`).
 """
 from __future__ import annotations
 
@@ -130,6 +132,7 @@ class Controller:
         # reward code read here and sent with the actors' arguments; a wrong path fails before any cluster work
         self.reward_section, self.reward_sources = shipped(spec.reward)
         self.policy = self.reference = self.critic = self.reward = self.rollout = self.placement = None
+        self.step = 0
         self.resume_from = latest_checkpoint(self.run_dir, self.cfg)
         if self.resume_from is not None:
             saved = self._saved(self.resume_from)
@@ -463,12 +466,28 @@ def _train(controller: Controller, spec: RlhfSpec, progress) -> dict:
 
 
 def run(spec: RlhfSpec, progress=print) -> dict:
-    controller = Controller(spec, progress)  # everything checked before any cluster work
-    try:
-        controller.start()
-        out = _train(controller, spec, progress)
-    finally:
-        controller.stop()
+    """The run to its end.  A role's actor lost for good (its node gone, or more deaths than its
+    restarts) stops every role; they start again, placed anew, from the last complete checkpoint,
+    at most train.max_failures times."""
+    from lmjobs.rlhf.actors import LOST_ERRORS
+
+    failures = 0
+    while True:
+        controller = Controller(spec, progress)  # everything checked before any cluster work
+        try:
+            controller.start()
+            out = _train(controller, spec, progress)
+            break
+        except LOST_ERRORS as exc:
+            failures += 1
+            if failures > spec.train.max_failures:
+                raise
+            line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            progress(f"[rlhf] lost at step {controller.step + 1} ({type(exc).__name__}: {line}); every role "
+                     f"starts again from the last checkpoint ({failures} of train.max_failures="
+                     f"{spec.train.max_failures})")
+        finally:
+            controller.stop()
     storage.write_text(storage.join(controller.run_dir, "summary.json"), json.dumps(out, indent=1), controller.cfg)
     return out
 

@@ -123,6 +123,9 @@ class RlhfTrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1)
     log_samples: int = Field(2, ge=0)  # completions a step kept in samples.jsonl
     weight_bucket_mb: float = Field(64.0, gt=0)  # weight sync: tensors put into the object store in buckets this big
+    # restarts of every role from the last checkpoint after an actor that cannot restart in place
+    # (policy, reference, critic) or a whole node is lost
+    max_failures: int = Field(2, ge=0)
 
 
 class RlhfOptimSection(OptimSection):
