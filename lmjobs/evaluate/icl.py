@@ -70,11 +70,11 @@ def _example(task: TaskDef, index: int, record: dict) -> Example:
     return Example(index, fields, (), None, answers)
 
 
-def load_examples(task: TaskDef, data: TaskData, where: str) -> tuple[list[Example], list[dict]]:
+def load_examples(task: TaskDef, data: TaskData, where: str, cfg=None) -> tuple[list[Example], list[dict]]:
     """(valid examples, rejects) of one task file.  A problem every record shares (the template
     names a field the data lacks, a label has no verbaliser) is the definition's fault: SpecError
     naming the field.  A problem of single records rejects them, with the reason."""
-    records = read_records(data.path, data.format)
+    records = read_records(data.path, data.format, cfg)  # local or s3:// (the run's storage settings)
     examples, rejects = [], []
     for n, (loc, record, problem) in enumerate(records):
         if not problem:
