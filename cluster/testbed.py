@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 
 from cluster.connect import LOOPBACK, ensure_local_token, ensure_token_auth, free_port
-from cluster.local import _ray_bin, terminate
+from cluster.local import _ray_bin, stop_ray, terminate
 
 PRIVATE_PATHS = ("/tmp", "~/.cache/lmjobs")  # a tmpfs over each, inside every worker node
 # The head's address: a loopback address other than 127.0.0.1, which Ray 2.60 replaces with the
@@ -289,7 +289,7 @@ def down(tb: Testbed | None = None) -> int:
     procs = _head_processes(tb)
     if tb.s3_pid and psutil.pid_exists(tb.s3_pid):
         procs.append(psutil.Process(tb.s3_pid))
-    terminate(procs)
+    stop_ray(procs)
     stopped += len(procs)
     shutil.rmtree(tb.head_temp_dir, ignore_errors=True)
     if _state_file().is_file() and json.loads(_state_file().read_text())["address"] == tb.address:
