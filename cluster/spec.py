@@ -196,3 +196,24 @@ def load_spec(path: str | pathlib.Path, kinds: Mapping[str, type[JobSpec]],
 def resolved_dict(spec: JobSpec) -> dict:
     """The fully resolved config (defaults filled in) as plain data, for run directories."""
     return spec.model_dump(mode="json")
+
+
+def field_at(data: Any, dotted: str) -> Any:
+    """The value at a dotted path of plain nested dicts (None where it is absent)."""
+    for key in dotted.split("."):
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def check_same(saved: dict, now: dict, fields: tuple[str, ...], what: str, fix: str,
+               lenient: Mapping[str, typing.Callable[[Any, Any], bool]] | None = None, things: str = "runs") -> None:
+    """Refuse to continue what a resolved config `saved` describes (a checkpoint, a campaign) under
+    the config `now` when one of `fields` (dotted) differs: ValueError naming the first such field,
+    both values, and `fix`.  lenient[field](before, after) -> True lets a difference pass."""
+    for field in fields:
+        before, after = field_at(saved, field), field_at(now, field)
+        if before != after and not (lenient and field in lenient and lenient[field](before, after)):
+            raise ValueError(f"{field}: {what} with {field} = {json.dumps(before)}, but the spec says "
+                             f"{json.dumps(after)}; continuing it would mix two {things}. {fix}".rstrip())

@@ -22,7 +22,7 @@ import yaml
 
 from cluster import capacity, storage
 from cluster.connect import connect, is_embedded
-from cluster.spec import resolved_dict
+from cluster.spec import check_same, resolved_dict
 from lmjobs.config import TrainJobSpec
 from lmjobs.data_plan import rank_dataset
 
@@ -105,14 +105,6 @@ def _latest_checkpoint(run_dir: str, cfg) -> str | None:
     return name
 
 
-def _field(data: dict, dotted: str) -> Any:
-    for key in dotted.split("."):
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
-
-
 def check_resume(spec: TrainJobSpec, run_dir: str) -> None:
     """A run directory with a checkpoint is resumed; refuse when the spec now describes another
     run (other data, batch, seed, model), naming the field, before any worker starts."""
@@ -128,12 +120,8 @@ def check_resume(spec: TrainJobSpec, run_dir: str) -> None:
 def check_same_run(saved: dict, spec: TrainJobSpec, what: str, fix: str = "") -> None:
     """Refuse to continue a checkpoint (its resolved config `saved`) under a spec that describes
     another run, naming the first SAME_ON_RESUME field that differs."""
-    now = resolved_dict(spec)
-    for field in SAME_ON_RESUME:
-        before, after = _field(saved, field), _field(now, field)
-        if before != after and not (field in ("data", "model") and _only_allowed(before, after)):
-            raise ValueError(f"{field}: {what} with {field} = {json.dumps(before)}, but the spec says "
-                             f"{json.dumps(after)}; continuing it would mix two runs. {fix}".rstrip())
+    check_same(saved, resolved_dict(spec), SAME_ON_RESUME, what, fix,
+               lenient={"data": _only_allowed, "model": _only_allowed})
 
 
 def _only_allowed(before: Any, after: Any) -> bool:

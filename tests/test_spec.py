@@ -139,3 +139,18 @@ def test_list_items_are_named_with_brackets(tmp_path):
     ]
     [msg] = problems(write(tmp_path, "kind: data_prepare\nname: x\nsources: [{path: a, format: xml}]\n"))
     assert msg.startswith("sources[0].format: Input should be 'text'"), msg
+
+
+def test_check_same_names_the_first_differing_field_and_lets_lenient_ones_pass():
+    from cluster.spec import check_same, field_at
+
+    saved = {"data": {"source": "a", "val_blocks": 2}, "train": {"seed": 1}}
+    assert field_at(saved, "data.source") == "a" and field_at(saved, "data.missing.deeper") is None
+    check_same(saved, saved, ("data", "train.seed"), "x", "fix")
+    changed = {"data": {"source": "a", "val_blocks": 3}, "train": {"seed": 2}}
+    with pytest.raises(ValueError, match=r"^data: x with data = .*mix two runs\. fix$"):
+        check_same(saved, changed, ("data", "train.seed"), "x", "fix")
+    only_val = lambda a, b: {k: v for k, v in a.items() if k != "val_blocks"} == {  # noqa: E731
+        k: v for k, v in b.items() if k != "val_blocks"}
+    with pytest.raises(ValueError, match=r"^train\.seed: x with train\.seed = 1, but the spec says 2"):
+        check_same(saved, changed, ("data", "train.seed"), "x", "fix", lenient={"data": only_val})

@@ -109,6 +109,17 @@ def test_campaign_spec_errors_name_the_field(keyword_task, tmp_path):
         "num_trials": None}, space={"optim.lr": {"grid": [1e-3, 1e-2]}, "optim.warmup_steps": {"choice": [0, 4]}})),
         KINDS)
     assert good.num_trials == 4
+    # a re-run continues the campaign in its directory only if the spec describes the same campaign
+    from cluster import storage
+    from cluster.spec import resolved_dict
+    from lmjobs.tune.driver import _check_rerun
+
+    cdir = str(tmp_path / "campaign")
+    storage.write_text(f"{cdir}/campaign.yaml", yaml.safe_dump(resolved_dict(good)))
+    _check_rerun(good, cdir)
+    other = good.model_copy(update={"metric": "val_accuracy"})
+    with pytest.raises(ValueError, match=r"^metric: .*campaign with metric = \"val_loss\".*mix two campaigns"):
+        _check_rerun(other, cdir)
 
 
 def test_concurrency_is_derived_from_resources(keyword_task, tmp_path):

@@ -24,7 +24,7 @@ import time
 import yaml
 
 from cluster import storage
-from cluster.spec import resolved_dict
+from cluster.spec import check_same, resolved_dict
 from lmjobs.rlhf.spec import RlhfSpec
 
 CHECKPOINTS = "checkpoints"
@@ -106,20 +106,10 @@ def latest_checkpoint(run_dir: str, cfg=None) -> str | None:
     return storage.latest_complete(storage.join(run_dir, CHECKPOINTS), "step_", "controller.json", cfg)
 
 
-def _field(data: dict, dotted: str):
-    for key in dotted.split("."):
-        data = data.get(key) if isinstance(data, dict) else None
-    return data
-
-
 def check_same_run(saved: dict, spec: RlhfSpec, where: str) -> None:
     where = str(where)
-    now = resolved_dict(spec)
-    for field in SAME_ON_RESUME:
-        if _field(saved, field) != _field(now, field):
-            raise ValueError(f"{field}: {where} holds a checkpoint of a run with {field} = "
-                             f"{json.dumps(_field(saved, field))}, but the spec says {json.dumps(_field(now, field))}; "
-                             f"give the run another name, or remove {where.rsplit('/', 2)[0]} to start over")
+    check_same(saved, resolved_dict(spec), SAME_ON_RESUME, f"{where} holds a checkpoint of a run",
+               f"Give the run another name, or remove {where.rsplit('/', 2)[0]} to start over")
 
 
 class Controller:

@@ -23,7 +23,7 @@ import warnings
 import yaml
 
 from cluster import capacity, storage
-from cluster.spec import resolved_dict
+from cluster.spec import check_same, resolved_dict
 from lmjobs import runner
 from lmjobs.tune.spec import TuneSpec, campaign_dir
 from lmjobs.tune.trial import read_jsonl, run_trial
@@ -89,13 +89,9 @@ def _check_rerun(spec: TuneSpec, cdir: str) -> None:
     cfg = spec.output.storage
     if not storage.exists(uri, cfg):
         return
-    before, after = yaml.safe_load(storage.read_text(uri, cfg)), resolved_dict(spec)
-    for field in SAME_ON_RERUN:
-        a, b = runner._field(before, field), runner._field(after, field)
-        if a != b:
-            raise ValueError(f"{field}: {cdir} holds a campaign with {field} = {json.dumps(a)}, but the spec says "
-                             f"{json.dumps(b)}; continuing it would mix two campaigns. Give the campaign another "
-                             f"name, or remove {cdir} to start over")
+    check_same(yaml.safe_load(storage.read_text(uri, cfg)), resolved_dict(spec), SAME_ON_RERUN,
+               f"{cdir} holds a campaign", f"Give the campaign another name, or remove {cdir} to start over",
+               things="campaigns")
 
 
 def _searcher(spec: TuneSpec, running: int):
