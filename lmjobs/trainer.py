@@ -7,6 +7,7 @@ Trainer owns setup and resume, steps, accumulation, logging, evaluation and chec
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -60,6 +61,12 @@ class Task(Protocol):
     def save_hf(self, module: torch.nn.Module, directory: str) -> None: ...
 
     def state_extra(self) -> dict: ...  # more fields for train_state.json
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of torch's global generator for one optimizer step of one rank."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _initialized() -> bool:
@@ -170,6 +177,10 @@ class Trainer:
     # -- one optimizer step -----------------------------------------------------------------
     def step(self, stream: Iterator[dict]) -> None:
         length = self.task.length_at(self.state["step"])
+        # dropout (and whatever else draws from torch's global generator) draws from a stream that
+        # is a function of (seed, step, rank): a run resumed at step N draws exactly what an
+        # uninterrupted run draws there, with no generator state to save
+        torch.manual_seed(step_seed(self.spec.train.seed, self.state["step"], self.rank))
         for _ in range(self.accum):
             t_wait = time.perf_counter()
             batch = next(stream)
