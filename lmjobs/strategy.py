@@ -98,6 +98,10 @@ class DeepSpeedStrategy:
         # shared-memory op "built successfully" on every rank: kept off the console)
         with contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        # training mode from the first step: `from_pretrained` returns a model in eval mode, so a
+        # fine-tune ran without dropout until its first evaluation switched it (and a resumed run
+        # again until its next one: the resumed steps differed from the uninterrupted run's)
+        model.train()
         schedule = lr_lambda(self.optim, self.total_steps)
         groups = param_groups(model, self.optim.weight_decay)
         config, optimizer = self.config, None

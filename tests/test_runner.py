@@ -160,6 +160,11 @@ def test_checkpoint_files_are_verified_before_deepspeed_unpickles_them(one_rank_
         return s
 
     first = strategy()
+    # training mode from the first step, whatever mode the model came in (from_pretrained: eval)
+    model = build_causal_lm(ModelSection(hidden_size=16, num_layers=1, num_heads=2), 32, 16, 0).eval()
+    other = DeepSpeedStrategy(spec.deepspeed, spec.optim, 4, 10, precision="fp32")
+    other.setup(model)
+    assert other.module.training and all(m.training for m in other.module.modules())
     ids = torch.randint(0, 32, (4, 16))
     first.forward_backward({"input_ids": ids, "labels": ids})
     first.save(tmp_path, client_state={"step": 1}, rank=0)
