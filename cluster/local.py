@@ -156,7 +156,7 @@ def stop_ray(procs: list[psutil.Process], grace_s: float = 15.0) -> None:
     server outlives a 15 s SIGTERM grace every time, the rest exit within ~2 s.)"""
     def gcs(p: psutil.Process) -> bool:
         try:
-            return "gcs_server" in p.name() or any("gcs_server" in a for a in p.cmdline()[:1])
+            return p.name() == "gcs_server"
         except psutil.Error:
             return False
 

@@ -132,7 +132,7 @@ def _only_allowed(before: Any, after: Any) -> bool:
     return {k: v for k, v in before.items() if k not in loose} == {k: v for k, v in after.items() if k not in loose}
 
 
-def _stats_actor_here() -> None:
+def _ray_data_actors_here() -> None:
     """Ray Data keeps two detached actors per cluster, its stats actor and its autoscaling
     coordinator, each pinned to the node of whoever first runs a dataset.  Here that would be a
     Train worker or a Tune trial, so an autoscaled worker node would host them and never count as
@@ -161,7 +161,7 @@ def join_cluster(address: str | None, num_cpus: int | None = None) -> dict:
     """Join (or start) the Ray cluster a job runs on, forwarding what its workers need."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in _job_env_vars()}
     joined = connect(address, num_cpus=num_cpus, runtime_env={"env_vars": env} if env else None)
-    _stats_actor_here()
+    _ray_data_actors_here()
     # Ray Train V2 sends worker prints through its logger as well as to stdout (each line twice in
     # the driver's console) unless its print patch is off; these variables reach the workers
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")

@@ -194,7 +194,7 @@ def run(spec: TuneSpec) -> dict:
     warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
     base = spec.trial_spec({}, "probe", cdir)
     if not joined["embedded"]:  # a cluster that may still grow (from zero workers): room for one trial first
-        capacity.wait_for([b for b in [{"CPU": spec.trial.driver_cpus}] if b["CPU"]]
+        capacity.wait_for(([{"CPU": spec.trial.driver_cpus}] if spec.trial.driver_cpus else [])
                           + [runner.worker_bundle(base.scaling)] * spec.trial.num_workers,
                           timeout_s=spec.trial.capacity_timeout_s, field="trial.capacity_timeout_s",
                           what="one trial (its driver and workers)",
