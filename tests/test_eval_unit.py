@@ -184,3 +184,94 @@ def test_head_metrics_for_token_and_qa_heads_match_a_direct_computation(task, tm
         direct = metrics.squad(answers, extra["answers"])
         assert got["f1"] == pytest.approx(direct["f1"] / 100) and got["n"] == 1
         assert len(extra["windows"]) > 1  # the context needed several doc-stride windows
+
+
+def test_shared_prefix_and_scored_positions_only_match_a_direct_computation(tiny_gpt2):
+    """A request whose contexts share a prefix (run once, its cache reused across the batch and the
+    next request) scores what the whole sequences score, single- and multi-token continuations."""
+    import torch
+    import transformers
+
+    from lmjobs.evaluate.driver import _common_prefix
+    from lmjobs.evaluate.scoring import Scorer
+
+    scorer = Scorer(tiny_gpt2, "AutoModelForCausalLM", threads=1, precision="fp32", use_gpu=False)
+    assert scorer.split and scorer.prefix_ok
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+
+    def direct(ctx: list[int], cont: list[int]) -> float:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.as_tensor([ctx + cont])).logits.float(), -1)[0]
+        return float(sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont)))
+
+    head = "Label each line.\n\nline: "
+    ctxs = [tok(head + t)["input_ids"] for t in ("good one ->", "bad ->", "a much longer line here ->")]
+    prefix = _common_prefix(ctxs)
+    assert prefix == len(tok(head)["input_ids"])
+    assert _common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # each keeps its last token
+    single = [tok(" +")["input_ids"], tok(" -")["input_ids"]]
+    multi = [tok(" yes")["input_ids"], tok(" no")["input_ids"]]
+    for conts in (single, multi):
+        items = [{"ctx": c, "conts": conts} for c in ctxs]
+        with torch.inference_mode():
+            shared, whole = scorer.loglik(items, prefix), scorer.loglik(items)
+        for c, got, plain in zip(ctxs, shared, whole):
+            for cont, g, p in zip(conts, got, plain):
+                assert g["logprob"] == pytest.approx(direct(c, cont), abs=1e-5)
+                assert p["logprob"] == pytest.approx(direct(c, cont), abs=1e-5)
+                assert g["tokens"] == len(cont) and g["greedy"] == p["greedy"]
+    with torch.inference_mode():  # the cached prefix serves a later request; another prefix replaces it
+        again = scorer.loglik([{"ctx": ctxs[1], "conts": single}], prefix)
+        other = tok("Other words first: bad ->")["input_ids"]
+        fresh = scorer.loglik([{"ctx": other, "conts": single}, {"ctx": other[:-1], "conts": single}],
+                              _common_prefix([other, other[:-1]]))
+    assert again[0][0]["logprob"] == pytest.approx(direct(ctxs[1], single[0]), abs=1e-5)
+    assert fresh[0][1]["logprob"] == pytest.approx(direct(other, single[1]), abs=1e-5)
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(tiny_gpt2):
+    import torch
+
+    from lmjobs.evaluate.scoring import Scorer
+
+    scorer = Scorer(tiny_gpt2, "AutoModelForCausalLM", threads=1, precision="fp32", use_gpu=False)
+    prompts = ["echo ab:", "q:", "a longer prompt, echo cd:"]
+    items = [{"ids": scorer.tokenizer(p)["input_ids"], "max_new_tokens": n, "stop": stop, "seed": 0,
+              "temperature": 0.0, "top_k": 0} for p, n, stop in zip(prompts, (6, 3, 8), ([" "], [], ["x", "\n"]))]
+    with torch.inference_mode():
+        batch = scorer.generate(items)
+        alone = [scorer.generate([it])[0] for it in items]
+    assert batch == alone and len(batch[1].split()) <= 3  # its own max_new_tokens, whatever the batch's longest
+
+
+def test_limit_takes_the_first_records_and_shared_demos_are_one_draw(tmp_path):
+    rows = [{"text": f"t{i}", "label": "a" if i % 3 else "b"} for i in range(30)]
+    task = _task(tmp_path, rows)
+    examples, _ = icl.load_examples(task, task.eval, "toy")
+    assert icl.sample_indices(30, IclSection(task="toy", limit=7)) == list(range(7))
+    sampled = icl.sample_indices(30, IclSection(task="toy", limit=12, num_examples=5))
+    assert len(sampled) == 5 and max(sampled) < 12
+    for balanced in (False, True):
+        entry = IclSection(task="toy", shots=[3], shared_demos=True, balanced=balanced)
+        orders = {ex.index: icl.demo_order(ex, examples, True, entry, 3) for ex in examples}
+        common = max(orders.values(), key=lambda o: list(orders.values()).count(o))  # most records' draw
+        for ex in examples:
+            assert ex not in orders[ex.index] and len(orders[ex.index]) == 3
+            if ex not in common:
+                assert orders[ex.index] == common  # one draw for every record
+            else:  # a record that is itself a demonstration gets the next one of the draw instead
+                assert [d for d in common if d != ex] == orders[ex.index][:2]
+
+
+def test_acc_and_acc_norm_as_lm_eval_defines_them_and_prompts_beside_predictions(tmp_path):
+    task = _task(tmp_path, [{"text": "x", "label": "a"}, {"text": "y", "label": "b"}],
+                 verbalizers={"a": "ab", "b": "abcdef"})
+    exs, _ = icl.load_examples(task, task.eval, "toy")
+    # record 0: raw argmax "ab" (right), per character "abcdef" (-3/6 > -2/2): wrong under acc_norm
+    # record 1: both pick "abcdef" (right)
+    scores = [[{"logprob": -2.0, "tokens": 1, "greedy": True}, {"logprob": -3.0, "tokens": 2, "greedy": False}],
+              [{"logprob": -5.0, "tokens": 1, "greedy": False}, {"logprob": -1.0, "tokens": 2, "greedy": True}]]
+    figures, rows = icl.choice_metrics(task, exs, scores, ["P0", "P1"])
+    assert figures["acc"] == 1.0 and figures["acc_norm"] == 0.5 and figures["accuracy"] == 1.0
+    assert [r["prompt"] for r in rows] == ["P0", "P1"] and rows[0]["logprobs"] == [-2.0, -3.0]

@@ -154,3 +154,28 @@ def test_check_same_names_the_first_differing_field_and_lets_lenient_ones_pass()
         k: v for k, v in b.items() if k != "val_blocks"}
     with pytest.raises(ValueError, match=r"^train\.seed: x with train\.seed = 1, but the spec says 2"):
         check_same(saved, changed, ("data", "train.seed"), "x", "fix", lenient={"data": only_val})
+
+
+def test_overrides_into_list_sections():
+    """--set steps into lists by index (the README's `--set icl.0.num_examples=50`), for every
+    kind; a bad index or a key where an index belongs is refused, naming the field."""
+    demo_eval = REPO / "lmjobs/recipes/demo-eval.yaml"
+    spec = load_spec(demo_eval, KINDS, ["icl.0.num_examples=50", "icl[0].shots=[0, 5]", "models.1.path=/models/small",
+                                        "icl.-1.limit=20"])
+    assert spec.icl[0].num_examples == 50 and spec.icl[0].shots == [0, 5] and spec.icl[0].limit == 20
+    assert spec.models[1].path == "/models/small" and spec.models[1].name == "smollm2"
+    spec = load_spec(demo_eval, KINDS, ["icl.1.task=rte", "icl.1.shots=[0]"])  # N = the length appends one
+    assert [s.task for s in spec.icl] == ["sst2", "rte"]
+    [msg] = problems(demo_eval, ["icl.5.shots=[1]"])
+    assert "icl[5] is out of range (icl has 1 item; 1 appends one)" in msg
+    [msg] = problems(demo_eval, ["icl.shots=[1]"])
+    assert "'icl' is a list; give an index (e.g. icl.0.shots)" in msg
+    [msg] = problems(demo_eval, ["icl.0.shots=[99]"])  # the value is checked where it landed
+    assert msg.startswith("icl[0].shots") and "between 0 and 64" in msg
+    [msg] = problems(demo_eval, ["icl.0.shotz=[1]"])
+    assert "icl[0].shotz: unknown key; did you mean 'shots'?" in msg
+    multitask = REPO / "lmjobs/recipes/finetune-multitask.yaml"  # another kind, a list one level deeper
+    spec = load_spec(multitask, KINDS, ["multitask.tasks.1.max_eval_examples=10"])
+    assert spec.multitask.tasks[1].max_eval_examples == 10 and spec.multitask.tasks[0].name == "sst2"
+    [msg] = problems(multitask, ["multitask.tasks.0.name.x=1"])
+    assert "'name' is not a section or a list" in msg

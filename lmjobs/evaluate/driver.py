@@ -18,7 +18,7 @@ from typing import Any
 from cluster import capacity, storage
 from cluster.spec import SpecError, resolved_dict
 from lmjobs.evaluate import icl as icl_mod
-from lmjobs.evaluate.scoring import batched, run_pool
+from lmjobs.evaluate.scoring import batched, run_pool, threads_per_actor
 from lmjobs.evaluate.spec import EvalSpec, load_task, selects
 
 CAUSAL = "AutoModelForCausalLM"
@@ -124,7 +124,8 @@ def icl_plan(spec: EvalSpec) -> list[dict]:
 
 
 def icl_requests(plan: dict, tok, model: Model, compute) -> tuple[list[dict], list[tuple]]:
-    """Requests for one task on one model, and how to read their results back: (k, example) per item."""
+    """Requests for one task on one model, and how to read their results back: (k, example, prompt)
+    per item."""
     task, entry = plan["task"], plan["entry"]
     limit = min(entry.max_context or model.max_positions, model.max_positions)
     items, keys = [], []
@@ -138,15 +139,35 @@ def icl_requests(plan: dict, tok, model: Model, compute) -> tuple[list[dict], li
             else:
                 conts = [_split_cont(tok, prompt, task.target.format(answer=c), ctx) for c in ex.choices]
                 longest = max(len(c) for c in conts)
-                items.append({"ctx": ctx[-(limit - longest):], "conts": conts})
-            keys.append((k, ex))
-    if task.kind == "short_answer":
-        return batched(items, 1, "generate"), keys
-    # similar lengths share a forward batch; the order depends only on the data and the spec
-    order = sorted(range(len(items)), key=lambda j: (len(items[j]["ctx"]), j))
+                items.append({"ctx": ctx[-(limit - longest):], "conts": conts, "k": k})
+            keys.append((k, ex, prompt))
+    if task.kind == "short_answer":  # greedy answers, generated a batch at a time
+        return batched(items, compute.batch_size, "generate"), keys
+    # one k at a time (its prompts share the most), similar lengths share a forward batch; the order
+    # depends only on the data and the spec
+    order = sorted(range(len(items)), key=lambda j: (items[j].pop("k"), len(items[j]["ctx"]), j))
     cost = (lambda it: 1 if all(len(c) == 1 for c in it["conts"]) else len(it["conts"]))
     requests = batched([dict(items[j], key=j) for j in order], compute.batch_size, "loglik", cost)
+    for request in requests:
+        common = _common_prefix([it["ctx"] for it in request["items"]])
+        if common >= MIN_PREFIX:
+            request["prefix_len"] = common
     return requests, keys
+
+
+MIN_PREFIX = 4  # shorter common prefixes are not worth a cache
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least its last token (whose output is scored)."""
+    n = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
 
 
 def _texts(section) -> list[str]:
@@ -379,12 +400,14 @@ def run(spec: EvalSpec, progress=print) -> dict:
     capacity.wait_for([{"CPU": c.cpus_per_actor, "GPU": c.gpus_per_actor}] * c.num_actors, timeout_s=c.capacity_timeout_s,
                       field="compute.capacity_timeout_s", what=f"{c.num_actors} eval actor(s)", fixed=joined["embedded"],
                       hint="lower compute.num_actors or compute.cpus_per_actor", log=progress)
+    threads = threads_per_actor(c)
     results: dict[str, dict] = {}
     timing: dict[str, float] = {}
     for m, requests, parts in work:
-        progress(f"[eval] {m.name}: {len(requests)} batches on {spec.compute.num_actors} actor(s) ({m.directory})")
+        progress(f"[eval] {m.name}: {len(requests)} batches on {c.num_actors} actor(s) x {threads} thread(s) "
+                 f"({m.directory})")
         t = time.perf_counter()
-        outputs = run_pool(m.ref, m.head, requests, spec.compute, spec.output.storage)
+        outputs = run_pool(m.ref, m.head, requests, spec.compute, spec.output.storage, threads)
         timing[m.name] = round(time.perf_counter() - t, 2)
         results[m.name] = _read_back(requests, outputs, parts, icl_plans, tm_plans)
 
@@ -395,7 +418,8 @@ def run(spec: EvalSpec, progress=print) -> dict:
                            for p in icl_plans},
               "config": resolved_dict(spec)}
     report = write_report(record, out, spec.output.storage)
-    meta = {"seconds": round(time.perf_counter() - t0, 1), "per_model_s": timing, "cluster": joined.get("address")}
+    meta = {"seconds": round(time.perf_counter() - t0, 1), "per_model_s": timing, "cluster": joined.get("address"),
+            "threads_per_actor": threads}
     storage.write_text(storage.join(out, "timing.json"), json.dumps(meta, indent=2), spec.output.storage)
     return {"dir": out, **report, "results": results, "models": [m.name for m in models], **meta}
 
@@ -408,7 +432,7 @@ def _read_back(requests: list[dict], outputs: list, parts: dict, icl_plans: list
             continue
         a, b, keys = parts[key]
         flat: dict[int, Any] = {}
-        if plan["task"].kind == "short_answer":  # one prompt per request, in order
+        if plan["task"].kind == "short_answer":  # prompts in order
             flat = dict(enumerate(x for out in outputs[a:b] for x in out))
         else:  # loglik items were sorted by length; each carries its place
             for request, out in zip(requests[a:b], outputs[a:b]):
@@ -416,12 +440,12 @@ def _read_back(requests: list[dict], outputs: list, parts: dict, icl_plans: list
         per_k: dict[str, dict] = {}
         preds = []
         for k in plan["entry"].shots:
-            idx = [j for j, (kk, _) in enumerate(keys) if kk == k]
-            exs = [keys[j][1] for j in idx]
+            idx = [j for j, key in enumerate(keys) if key[0] == k]
+            exs, prompts = [keys[j][1] for j in idx], [keys[j][2] for j in idx]
             if plan["task"].kind == "short_answer":
-                figures, rows = icl_mod.answer_metrics(exs, [flat[j] for j in idx])
+                figures, rows = icl_mod.answer_metrics(exs, [flat[j] for j in idx], prompts)
             else:
-                figures, rows = icl_mod.choice_metrics(plan["task"], exs, [flat[j] for j in idx])
+                figures, rows = icl_mod.choice_metrics(plan["task"], exs, [flat[j] for j in idx], prompts)
             per_k[str(k)] = figures
             preds += [{"k": k, **r} for r in rows]
         res["icl"][plan["task"].name] = {"kind": plan["task"].kind, "shots": per_k}
@@ -449,6 +473,7 @@ def summary(out: dict) -> list[str]:
             lines.append(f"  {model} perplexity {name}: {p['ppl']:.3f} ({p['tokens']} tokens)")
         for task, figures in r["icl"].items():
             per = ", ".join(f"k={k} {f[f['metric']]:.3f} [{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}]"
+                            + (f" (acc {f['acc']:.3f}, acc_norm {f['acc_norm']:.3f})" if "acc_norm" in f else "")
                             for k, f in figures["shots"].items())
             lines.append(f"  {model} {task}: {per}")
         for name, f in r["task_metrics"].items():

@@ -77,7 +77,7 @@ def load_examples(task: TaskDef, data: TaskData, where: str, cfg=None) -> tuple[
     records = read_records(data.path, data.format, cfg)  # local or s3:// (the run's storage settings)
     examples, rejects = [], []
     for n, (loc, record, problem) in enumerate(records):
-        if not problem:
+        if problem is None:
             try:
                 examples.append(_example(task, len(examples), record))
                 continue
@@ -96,7 +96,7 @@ def load_examples(task: TaskDef, data: TaskData, where: str, cfg=None) -> tuple[
                                         f"verbalizers has {', '.join(map(repr, task.verbalizers))})"]) from None
             except ValueError as exc:
                 problem = str(exc)
-        rejects.append({"path": data.path, "row": loc, "reason": problem})
+        rejects.append({"path": data.path, "row": loc, "reason": str(problem)})  # a str or a labelled _Problem
     if not examples:
         raise ValueError(f"{where}: {data.path} holds no usable records ({len(records)} read"
                          + (f"; first problem: {rejects[0]['row']}: {rejects[0]['reason']}" if rejects else "") + ")")
@@ -112,12 +112,21 @@ def render(task: TaskDef, example: Example, demos: list[Example]) -> str:
 
 
 def demo_order(example: Example, pool: list[Example], same_pool: bool, icl: IclSection, k_max: int) -> list[Example]:
-    """The scored record's demonstrations, first k_max of its seeded order."""
-    rng = random.Random(f"{icl.seed}:{example.index}")
+    """The scored record's demonstrations, first k_max of its seeded order.  With `shared_demos`
+    every record gets the same draw (a record that is itself one of them gets the next one in its
+    place, so it never sees its own answer)."""
+    if icl.shared_demos:
+        spare = 1 if same_pool and len(pool) > k_max else 0
+        drawn = _draw(random.Random(f"{icl.seed}:shared"), pool, icl, k_max + spare, example.gold)
+        return [d for d in drawn if not (same_pool and d.index == example.index)][:k_max]
     candidates = [d for d in pool if not (same_pool and d.index == example.index)]
+    return _draw(random.Random(f"{icl.seed}:{example.index}"), candidates, icl, k_max, example.gold)
+
+
+def _draw(rng: random.Random, candidates: list[Example], icl: IclSection, k_max: int, gold) -> list[Example]:
     if k_max > len(candidates):
         raise ValueError(f"task {icl.task}: {k_max} demonstrations asked, the pool holds {len(candidates)}")
-    if not icl.balanced or example.gold is None:
+    if not icl.balanced or gold is None:
         return rng.sample(candidates, k_max)
     by_label: dict[int, list[Example]] = {}
     for d in candidates:
@@ -135,6 +144,8 @@ def demo_order(example: Example, pool: list[Example], same_pool: bool, icl: IclS
 
 
 def sample_indices(n: int, icl: IclSection) -> list[int]:
+    """The scored records: the first `limit`, then a seeded sample of `num_examples` of those."""
+    n = min(n, icl.limit or n)
     if icl.num_examples is None or icl.num_examples >= n:
         return list(range(n))
     return sorted(random.Random(icl.seed).sample(range(n), icl.num_examples))
@@ -161,36 +172,51 @@ def mean_interval(values: list[float], z: float = 1.96) -> tuple[float, float]:
     return mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
 
 
-def choice_metrics(task: TaskDef, examples: list[Example], scores: list[list[dict]]) -> tuple[dict, list[dict]]:
+def choice_metrics(task: TaskDef, examples: list[Example], scores: list[list[dict]],
+                   prompts: list[str] | None = None) -> tuple[dict, list[dict]]:
     """accuracy (argmax log-likelihood; normalised by tokens or chars when the task says so) with
-    its 95 % interval, macro-F1 for classification, and per-example predictions."""
-    preds, rows = [], []
-    for ex, per_choice in zip(examples, scores):
+    its 95 % interval, macro-F1 for classification, `acc`, `acc_norm` and `acc_bytes` as
+    lm-evaluation-harness defines them (argmax of the log-likelihood; of it over the answer's length
+    in characters; in UTF-8 bytes), and per-example predictions with their prompts."""
+    preds, rows, raw_hits, norm_hits, byte_hits = [], [], 0, 0, 0
+    for n, (ex, per_choice) in enumerate(zip(examples, scores)):
         values = []
         for choice, s in zip(ex.choices, per_choice):
             div = {"none": 1, "tokens": s["tokens"], "chars": len(task.target.format(answer=choice))}[task.normalize]
             values.append(s["logprob"] / max(div, 1))
-        pred = max(range(len(values)), key=lambda i: (values[i], -i))
+        pred = _argmax(values)
+        raw_hits += _argmax([s["logprob"] for s in per_choice]) == ex.gold
+        norm_hits += _argmax([s["logprob"] / max(len(c), 1) for c, s in zip(ex.choices, per_choice)]) == ex.gold
+        byte_hits += _argmax([s["logprob"] / max(len(c.encode("utf-8")), 1)
+                              for c, s in zip(ex.choices, per_choice)]) == ex.gold
         preds.append(pred)
         rows.append({"index": ex.index, "gold": ex.choices[ex.gold], "pred": ex.choices[pred],
-                     "correct": pred == ex.gold, "scores": [round(v, 5) for v in values]})
+                     "correct": pred == ex.gold, "scores": [round(v, 5) for v in values],
+                     "logprobs": [round(s["logprob"], 6) for s in per_choice],
+                     **({"prompt": prompts[n]} if prompts else {})})
     n = len(examples)
     correct = sum(r["correct"] for r in rows)
     lo, hi = wilson(correct, n)
-    out = {"accuracy": correct / max(n, 1), "ci95": [lo, hi], "n": n, "metric": "accuracy"}
+    out = {"accuracy": correct / max(n, 1), "ci95": [lo, hi], "n": n, "metric": "accuracy",
+           "acc": raw_hits / max(n, 1), "acc_norm": norm_hits / max(n, 1), "acc_bytes": byte_hits / max(n, 1)}
     if task.kind == "classification":
         out["macro_f1"] = metrics.classification([e.gold for e in examples], preds, list(task.verbalizers.values()))[
             "macro_f1"]
     return out, rows
 
 
-def answer_metrics(examples: list[Example], texts: list[str]) -> tuple[dict, list[dict]]:
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def answer_metrics(examples: list[Example], texts: list[str], prompts: list[str] | None = None) -> tuple[dict, list[dict]]:
     """exact match and token F1 (SQuAD normalisation, best over the accepted answers), in [0, 1]."""
     rows = []
-    for ex, text in zip(examples, texts):
+    for n, (ex, text) in enumerate(zip(examples, texts)):
         em = max(float(metrics.normalize_answer(text) == metrics.normalize_answer(a)) for a in ex.answers)
         f1 = max(metrics.answer_f1(text, a) for a in ex.answers)
-        rows.append({"index": ex.index, "gold": list(ex.answers), "pred": text, "correct": bool(em), "f1": f1})
+        rows.append({"index": ex.index, "gold": list(ex.answers), "pred": text, "correct": bool(em), "f1": f1,
+                     **({"prompt": prompts[n]} if prompts else {})})
     n = len(rows)
     ems = sum(r["correct"] for r in rows)
     return {"exact_match": ems / max(n, 1), "ci95": list(wilson(ems, n)), "f1": sum(r["f1"] for r in rows) / max(n, 1),

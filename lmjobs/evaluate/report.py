@@ -13,7 +13,8 @@ from lmjobs.plots import _save
 def _headline(figures: dict) -> str:
     m = figures["metric"]
     ci = figures.get("ci95")
-    return f"{figures[m]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{figures[m]:.3f}"
+    text = f"{figures[m]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{figures[m]:.3f}"
+    return text + (f" (acc {figures['acc']:.3f}, acc_norm {figures['acc_norm']:.3f})" if "acc_norm" in figures else "")
 
 
 def tables(record: dict) -> list[str]:

@@ -83,9 +83,13 @@ class IclSection(Section):
     models: list[str] | None = None  # names of models entries this section scores (default: every one it applies to)
     task: str  # a shipped task's name (sst2, rte, mrpc, xquad) or the path of a task YAML
     shots: list[int] = Field([0], min_length=1)  # k demonstrations per prompt, one result per k
-    num_examples: int | None = Field(None, ge=1)  # a seeded sample of the eval records (null: all)
+    limit: int | None = Field(None, ge=1)  # only the first N eval records (lm-eval's --limit); null: all
+    num_examples: int | None = Field(None, ge=1)  # a seeded sample of the eval records (after limit; null: all)
     seed: int = 0  # picks the sample and every prompt's demonstrations
     balanced: bool = False  # demonstrations spread evenly over the labels (classification, multiple_choice)
+    # true: one seeded draw of demonstrations for every record (HELM's way); their common prompt
+    # prefix is then run once per forward batch instead of once per record
+    shared_demos: bool = False
     max_context: int | None = Field(None, ge=16)  # tokens; longer prompts lose their oldest tokens (default: model's)
 
     @pydantic.field_validator("shots")
@@ -160,7 +164,9 @@ class ComputeSection(Section):
     num_actors: int = Field(1, ge=1, le=256)  # model replicas in the Ray Data actor pool
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
-    threads_per_actor: int = Field(1, ge=1)  # fixed, so scores do not depend on where an actor lands
+    # torch threads in each actor; null: the cluster's CPUs over the actors (2 for 1 actor on 2 cores).
+    # Fix it to get bit-identical scores between runs with different actor counts.
+    threads_per_actor: int | None = Field(None, ge=1)
     batch_size: int = Field(8, ge=1)  # sequences per forward pass
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: faster on CPUs with AVX-512 BF16 and on GPUs
     # how long the run waits for room for its actors (an autoscaler booting nodes) before failing
