@@ -1,11 +1,16 @@
-"""B2: corpus pipeline throughput and dedup quality, lmjobs (Ray Data) vs Hugging Face `datasets`.
+"""B2: corpus pipeline throughput and dedup quality: lmjobs (Ray Data) vs datatrove vs Hugging Face `datasets`.
 
 Work: tinyshakespeare paragraphs + wikitext-2 raw test paragraphs (../shared/data/pretrain_text),
 plus planted near duplicates (5 % of documents, 3 % of words changed), exact duplicates (2 %,
-re-cased) and malformed records (1 %).  Both sides run the same read / normalise / PII /
-quality / exact-dedup / MinHash / tokenise / pack functions from `data_pipelines`; the peer uses
+re-cased) and malformed records (1 %).  The `datasets` side runs the same read / normalise / PII /
+quality / exact-dedup / MinHash / tokenise / pack functions from `data_pipelines` through
 `datasets.map(batched=True, num_proc=2)` and `filter`, its LSH grouping single-process.
+datatrove runs its own readers, Gopher filters, PII formatter, four-stage MinHash pipeline and
+DocumentTokenizer with the same thresholds, shingles and bands x rows (benchmarks/b2_datatrove.py,
+in datatrove's own venv, named by DATATROVE_PYTHON; without it that row is marked not run).
+Every side's kept set is scored by the same function (data_pipelines.planted.dedup_quality).
 
+    DATATROVE_PYTHON=/work/venvs/datatrove/bin/python \
     .venv/bin/python benchmarks/b2_corpus.py [--bands 20 --rows 5] [--out benchmarks/results/b2.json]
 
 lmjobs runs three times on one fresh cluster: cold (workers start), warm (the same spec again),
@@ -15,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 import time
@@ -136,6 +143,28 @@ def run_peer(spec: DataPrepareSpec, files: list[str]) -> dict:
             "kept": len(kept_idx)}
 
 
+def run_datatrove(corpus: pathlib.Path, work: pathlib.Path, spec: DataPrepareSpec) -> dict | None:
+    """datatrove's pipeline on the same files, in its own venv; None when DATATROVE_PYTHON is unset.
+    Wall time is the whole subprocess (interpreter start and imports included), as lmjobs' cold run."""
+    python = os.environ.get("DATATROVE_PYTHON")
+    if not python:
+        return None
+    q, d = spec.clean.quality, spec.dedup
+    cmd = [python, str(ROOT / "benchmarks" / "b2_datatrove.py"), "--corpus", str(corpus), "--work", str(work),
+           "--bands", str(d.bands), "--rows", str(d.rows), "--ngram", str(d.ngram), "--min-words", str(q.min_words),
+           "--max-symbol-word-ratio", str(q.max_symbol_word_ratio), "--min-alpha-word-frac", str(q.min_alpha_word_frac),
+           "--vocab-size", str(spec.tokenizer.vocab_size), "--sample-docs", str(spec.tokenizer.sample_docs)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"datatrove run failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout)
+    out["statuses"] = {(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])): v for k, v in out["statuses"].items()}
+    out["inner_wall_s"], out["wall_s"] = out["wall_s"], wall
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "b2.json"))
@@ -149,6 +178,7 @@ def main() -> int:
         spec = spec_for(tmp / "corpus", tmp / "out", args.bands, args.rows)
         files = sorted(str(p) for p in (tmp / "corpus").glob("*.jsonl"))
         peer = run_peer(spec, files)
+        datatrove = run_datatrove(tmp / "corpus", tmp / "datatrove", spec)
         # cold (fresh workers), warm (same cluster, second run), and FineWeb's 14 x 8 for quality
         ours = run_lmjobs([spec, spec_for(tmp / "corpus", tmp / "out-warm", args.bands, args.rows),
                            spec_for(tmp / "corpus", tmp / "out-14x8", 14, 8)])
@@ -168,21 +198,53 @@ def main() -> int:
                        "tokens_per_s": tokens / run["wall_s"], "docs_per_s_ratio": peer_s / run["wall_s"],
                        "counts": res["counts"]["total"], "stage_seconds": res["stage_seconds"],
                        **dedup_quality(run["statuses"], corpus["truth"], texts)}
+    if datatrove is None:
+        report["datatrove"] = {"not_run": "DATATROVE_PYTHON is not set"}
+    else:
+        dt_s = datatrove["wall_s"]
+        report["datatrove"] = {"version": datatrove["version"], "lsh": f"{args.bands}x{args.rows}",
+                               "wall_s": round(dt_s, 2), "inner_wall_s": round(datatrove["inner_wall_s"], 2),
+                               "docs_per_s": n / dt_s, "tokens_per_s": datatrove["tokens"] / dt_s,
+                               "counts": {"read": datatrove["read"], **datatrove["counts"]},
+                               "stage_seconds": datatrove["stage_seconds"], "minhash": datatrove["minhash"],
+                               **dedup_quality(datatrove["statuses"], corpus["truth"], texts)}
+        for key in ("lmjobs_cold", "lmjobs_warm", "lmjobs_14x8"):
+            report[key]["docs_per_s_vs_datatrove"] = report[key]["docs_per_s"] / report["datatrove"]["docs_per_s"]
+    # datatrove's wall includes its interpreter and executor start; lmjobs' cold run with its cluster's
+    cold = report["lmjobs_cold"]
+    with_start = ours["runs"][0]["wall_s"] + ours["cluster_start_s"]
+    cold["wall_with_cluster_start_s"] = round(with_start, 2)
+    cold["docs_per_s_with_cluster_start"] = n / with_start
     report["config"] = resolved_dict(spec)
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\nB2 corpus pipeline: {n} documents ({corpus['planted_near']} near + {corpus['planted_exact']} exact "
           f"duplicates planted), 2 CPUs")
     print(f"CPU: {report['cpu']}")
-    print(f"{'':<26}{'LSH':>6}{'wall s':>8}{'docs/s':>8}{'vs peer':>9}{'near recall':>13}{'dup recall':>12}{'precision':>11}")
-    rows = [("hf datasets (peer)", f"{args.bands}x{args.rows}", report["peer_hf_datasets"])]
+    print(f"{'':<22}{'LSH':>6}{'wall s':>8}{'docs/s':>8}{'near recall':>13}{'dup recall':>12}{'precision':>11}"
+          f"{'vs HF':>8}{'vs datatrove':>14}")
+    rows = [("hf datasets", f"{args.bands}x{args.rows}", report["peer_hf_datasets"])]
+    if "not_run" in report["datatrove"]:
+        print(f"{'datatrove':<22}  not run: set DATATROVE_PYTHON to the python of datatrove's venv")
+    else:
+        rows.append(("datatrove", report["datatrove"]["lsh"], report["datatrove"]))
     rows += [(f"lmjobs {k.split('_')[1]}", report[k]["lsh"], report[k]) for k in ("lmjobs_cold", "lmjobs_warm", "lmjobs_14x8")]
+    dt_rate = report["datatrove"].get("docs_per_s")
     for name, lsh, r in rows:
-        print(f"{name:<26}{lsh:>6}{r['wall_s']:>8.1f}{r['docs_per_s']:>8.0f}{r['docs_per_s'] / report['peer_hf_datasets']['docs_per_s']:>8.2f}x"
-              f"{r['near_recall']:>13.3f}{r['dup_recall']:>12.3f}{r['precision']:>11.3f}")
+        vs_dt = f"{r['docs_per_s'] / dt_rate:>13.2f}x" if dt_rate else f"{'not run':>14}"
+        print(f"{name:<22}{lsh:>6}{r['wall_s']:>8.1f}{r['docs_per_s']:>8.0f}{r['near_recall']:>13.3f}"
+              f"{r['dup_recall']:>12.3f}{r['precision']:>11.3f}"
+              f"{r['docs_per_s'] / report['peer_hf_datasets']['docs_per_s']:>7.2f}x{vs_dt}")
+    if dt_rate:
+        dt = report["datatrove"]
+        print(f"datatrove {dt['version']} stages (s): {dt['stage_seconds']}; counts {dt['counts']}")
     warm = report["lmjobs_warm"]
     print(f"lmjobs warm stages (s): {warm['stage_seconds']}; {warm['tokens_per_s']:.0f} tokens/s; "
           f"cluster start {report['cluster_start_s']:.1f}s (not in wall)")
+    cold = report["lmjobs_cold"]
+    vs = f", {cold['docs_per_s_with_cluster_start'] / dt_rate:.2f}x datatrove" if dt_rate else ""
+    print(f"lmjobs cold with its cluster start: {cold['wall_with_cluster_start_s']:.1f}s, "
+          f"{cold['docs_per_s_with_cluster_start']:.0f} docs/s{vs}")
     print(f"lmjobs counts: {warm['counts']}   (JSON: {args.out})")
     return 0
 
