@@ -12,6 +12,7 @@ the row and the field in the reason.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -41,6 +42,19 @@ ROLES = ("system", "user", "assistant")
 
 class IngestError(ValueError):
     """Bad labelled input with on_error=fail: the message names file, row and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """Why a row is rejected: `reason` names the cause only (never a value of this row), so
+    rejects group by it and `lmjobs data stats` shows one line per cause."""
+
+    reason: str
+    detail: str = ""  # what only this row says about it: its value, its counts, its fields
+    error_byte: int = -1  # the file offset of the first undecodable byte (-1: none)
+
+    def __str__(self) -> str:
+        return self.reason + (f" ({self.detail})" if self.detail else "")
 
 
 class InputSection(Section):
@@ -83,8 +97,8 @@ class DataIngestSpec(JobSpec):
 
 # -- readers: (row locator, raw dict) per record ----------------------------------------------
 
-def _rows(data: bytes, inp: InputSection) -> Iterator[tuple[str, dict | None, str]]:
-    """(where, record, problem): where is 'line N' / 'record N' / 'question ID'."""
+def _rows(data: bytes, inp: InputSection) -> Iterator[tuple[str, dict | None, _Problem | None]]:
+    """(where, record, problem): where is 'line N' / 'record N' / 'question ID'; problem None for a good row."""
     if inp.format in ("csv", "tsv"):
         text = data.decode("utf-8-sig")
         kwargs = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if inp.format == "tsv" else {}
@@ -95,29 +109,32 @@ def _rows(data: bytes, inp: InputSection) -> Iterator[tuple[str, dict | None, st
         for row in reader:
             where = f"line {reader.line_num}"
             if len(row) != len(header):
-                yield where, None, f"{len(row)} columns, header has {len(header)}"
+                yield where, None, _Problem("wrong number of columns", f"{len(row)} columns, header has {len(header)}")
             else:
-                yield where, dict(zip(header, row)), ""
+                yield where, dict(zip(header, row)), None
     elif inp.format == "jsonl":
+        end = 0  # where the previous line ended: the search for this one's offset starts there
         for n, line in enumerate(data.splitlines(), 1):
+            start = data.index(line, end)
+            end = start + len(line)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
-            except json.JSONDecodeError as exc:  # the cause only: rejects group by it, `where` locates
-                yield f"line {n}", None, f"bad JSON: {exc.msg}"
+            except json.JSONDecodeError as exc:
+                yield f"line {n}", None, _Problem(f"bad JSON: {exc.msg}")
                 continue
             except UnicodeDecodeError as exc:
-                yield f"line {n} (byte {exc.start})", None, f"undecodable bytes (utf-8: {exc.reason})"
+                yield f"line {n}", None, _Problem(f"undecodable bytes (utf-8: {exc.reason})", error_byte=start + exc.start)
                 continue
-            yield (f"line {n}", obj, "") if isinstance(obj, dict) else (f"line {n}", None, "not a JSON object")
+            yield (f"line {n}", obj, None) if isinstance(obj, dict) else (f"line {n}", None, _Problem("not a JSON object"))
     elif inp.format == "json":
         obj = json.loads(data)
         records = obj.get("data") if isinstance(obj, dict) else obj
         if not isinstance(records, list):
             raise IngestError(f"{inp.path}: expected a JSON list of records (or {{\"data\": [...]}})")
         for n, rec in enumerate(records, 1):
-            yield (f"record {n}", rec, "") if isinstance(rec, dict) else (f"record {n}", None, "not a JSON object")
+            yield (f"record {n}", rec, None) if isinstance(rec, dict) else (f"record {n}", None, _Problem("not a JSON object"))
     elif inp.format == "squad":
         yield from _squad_rows(json.loads(data))
     elif inp.format == "conll":
@@ -126,7 +143,7 @@ def _rows(data: bytes, inp: InputSection) -> Iterator[tuple[str, dict | None, st
         yield from _tfrecord_rows(data)
 
 
-def _squad_rows(obj: dict) -> Iterator[tuple[str, dict | None, str]]:
+def _squad_rows(obj: dict) -> Iterator[tuple[str, dict | None, _Problem | None]]:
     for a, article in enumerate(obj.get("data", [])):
         for p, para in enumerate(article.get("paragraphs", [])):
             for q, qa in enumerate(para.get("qas", [])):
@@ -135,16 +152,16 @@ def _squad_rows(obj: dict) -> Iterator[tuple[str, dict | None, str]]:
                 yield where, {"id": str(qa.get("id", f"{a}.{p}.{q}")), "question": qa.get("question"),
                               "context": para.get("context"), "title": article.get("title", ""),
                               "answers": {"text": [x.get("text") for x in answers],
-                                          "answer_start": [x.get("answer_start") for x in answers]}}, ""
+                                          "answer_start": [x.get("answer_start") for x in answers]}}, None
 
 
-def _conll_rows(text: str, inp: InputSection) -> Iterator[tuple[str, dict | None, str]]:
+def _conll_rows(text: str, inp: InputSection) -> Iterator[tuple[str, dict | None, _Problem | None]]:
     tokens, tags, start = [], [], 0
     for n, line in enumerate([*text.splitlines(), ""], 1):
         parts = line.split()
         if not parts or parts[0] == "-DOCSTART-":
             if tokens:
-                yield f"line {start}", {"tokens": tokens, "tags": tags}, ""
+                yield f"line {start}", {"tokens": tokens, "tags": tags}, None
             tokens, tags = [], []
             continue
         if not tokens:
@@ -153,17 +170,18 @@ def _conll_rows(text: str, inp: InputSection) -> Iterator[tuple[str, dict | None
             tokens.append(parts[inp.token_column])
             tags.append(parts[inp.tag_column])
         except IndexError:
-            yield f"line {n}", None, f"{len(parts)} columns, need token column {inp.token_column} and tag column {inp.tag_column}"
+            yield f"line {n}", None, _Problem(f"too few columns for token column {inp.token_column} and tag column "
+                                              f"{inp.tag_column}", f"{len(parts)} columns")
             tokens, tags = [], []
 
 
-def _tfrecord_rows(data: bytes) -> Iterator[tuple[str, dict | None, str]]:
+def _tfrecord_rows(data: bytes) -> Iterator[tuple[str, dict | None, _Problem | None]]:
     from data_pipelines.tfrecord import TFRecordError, iter_records, parse_example
 
     for n, (offset, payload, reason) in enumerate(iter_records(data), 1):
         where = f"record {n} (byte {offset})"
         if payload is None:
-            yield where, None, reason
+            yield where, None, _Problem(reason)
             continue
         try:
             features = parse_example(payload)
@@ -173,9 +191,9 @@ def _tfrecord_rows(data: bytes) -> Iterator[tuple[str, dict | None, str]]:
                     values = [v.decode("utf-8") for v in values]
                 row[name] = values[0] if len(values) == 1 else values
         except (TFRecordError, UnicodeDecodeError) as exc:
-            yield where, None, f"bad tf.train.Example: {exc}"
+            yield where, None, _Problem("bad tf.train.Example", str(exc))
             continue
-        yield where, row, ""
+        yield where, row, None
 
 
 # -- mapping onto the task's fields, and checks -----------------------------------------------
@@ -195,13 +213,14 @@ def _mapped(raw: dict, inp: InputSection, task: str) -> dict:
         elif source in raw:
             out[field] = raw[source]
         elif not (task == "preference" and field == "prompt") and not (task == "qa" and field == "id"):
-            raise _Bad(field, f"missing (source field '{source}'; has: {', '.join(sorted(raw))})")
+            raise _Bad(field, f"missing (source field '{source}')", f"has: {', '.join(sorted(raw))}")
     return out
 
 
 class _Bad(Exception):
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"field '{field}': {problem}")
+    def __init__(self, field: str, problem: str, detail: str = ""):
+        self.problem = _Problem(f"field '{field}': {problem}", detail)
+        super().__init__(str(self.problem))
 
 
 def _text(row: dict, field: str) -> str:
@@ -221,12 +240,12 @@ def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str)
         out = {f: _text(row, f) for f in TASK_FIELDS[task][:-1]}
         label = row.get("label")
         if isinstance(label, float) and not math.isfinite(label):  # a TFRecord float_list or JSON NaN
-            raise _Bad("label", f"{label} is not a label (a float that is not finite)")
+            raise _Bad("label", "not a label (a float that is not finite)", str(label))
         if label is None or (isinstance(label, str) and not label.strip()):
             raise _Bad("label", "empty label")
         label = str(label).strip()
         if labels is not None and label not in labels:
-            raise _Bad("label", f"'{label}' is not in the label set {sorted(labels)}")
+            raise _Bad("label", f"not in the label set {sorted(labels)}", repr(label))
         return {**out, "label": label}
     if task == "tokens":
         tokens, tags = row.get("tokens"), row.get("tags")
@@ -234,20 +253,22 @@ def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str)
             if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
                 raise _Bad(field, "need a non-empty list of non-empty strings")
         if len(tokens) != len(tags):
-            raise _Bad("tags", f"{len(tags)} tags for {len(tokens)} tokens")
+            raise _Bad("tags", "not one tag per token", f"{len(tags)} tags for {len(tokens)} tokens")
         unknown = sorted({t for t in tags if labels is not None and t not in labels})
         if unknown:
-            raise _Bad("tags", f"{unknown} not in the tag set {sorted(labels)}")
+            raise _Bad("tags", f"not in the tag set {sorted(labels)}", str(unknown))
         return {"tokens": tokens, "tags": tags}
     if task == "qa":
         question, context = _text(row, "question"), _text(row, "context")
         answers = row.get("answers") or {}
         texts, starts = answers.get("text") or [], answers.get("answer_start") or []
         if not texts or len(texts) != len(starts):
-            raise _Bad("answers", f"need answer texts and starts of equal, non-zero length ({len(texts)} vs {len(starts)})")
+            raise _Bad("answers", "need answer texts and starts of equal, non-zero length",
+                       f"{len(texts)} texts, {len(starts)} starts")
         for text, start in zip(texts, starts):
             if not isinstance(text, str) or not isinstance(start, int) or context[start:start + len(text)] != text:
-                raise _Bad("answers", f"answer {text!r} is not inside its context at answer_start {start}")
+                raise _Bad("answers", "an answer is not inside its context at its answer_start",
+                           f"{text!r} at {start}")
         return {"id": str(row.get("id") or where), "question": question, "context": context,
                 "answers": {"text": list(texts), "answer_start": [int(s) for s in starts]}}
     if task == "sft":
@@ -257,7 +278,7 @@ def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str)
                 raise _Bad("messages", "need a non-empty list of {role, content}")
             for k, m in enumerate(messages):
                 if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                    raise _Bad("messages", f"message {k} needs role in {list(ROLES)} and text content")
+                    raise _Bad("messages", f"a message needs role in {list(ROLES)} and text content", f"message {k}")
             if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
                 raise _Bad("messages", "no assistant message to learn from")
             return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
@@ -283,8 +304,9 @@ def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def read_records(path: str, fmt: str, cfg: StorageConfig | None = None) -> list[tuple[str, dict | None, str]]:
-    """(where, record, problem) of every record of a raw labelled file (csv, tsv, json, jsonl, squad)."""
+def read_records(path: str, fmt: str, cfg: StorageConfig | None = None) -> list[tuple[str, dict | None, _Problem | None]]:
+    """(where, record, problem) of every record of a raw labelled file (csv, tsv, json, jsonl, squad);
+    problem None for a good record."""
     if not storage.exists(path, cfg):
         raise FileNotFoundError(f"{path}: no such file")
     inp = InputSection(path=path, format=fmt)
@@ -336,23 +358,25 @@ def ingest(spec: DataIngestSpec, progress=print) -> dict:
             raise IngestError(f"{inp.path}: unreadable {inp.format}: {exc}") from exc
         for where, raw, problem in records:
             read += 1
-            if not problem:
+            if problem is None:
                 try:
                     row = _check(_mapped(raw, inp, spec.task), spec.task, labels, spec.prompt_delimiter, where)
                     rows.setdefault(inp.split, []).append(row)
                     kept += 1
                     continue
                 except _Bad as bad:
-                    problem = str(bad)
+                    problem = bad.problem
             if spec.on_error == "fail":
                 raise IngestError(f"{inp.path}: {where}: {problem}")
-            rejects.append({"path": inp.path, "row": where, "reason": problem,
+            rejects.append({"path": inp.path, "row": where, "reason": problem.reason, "detail": problem.detail,
+                            "error_byte": problem.error_byte,
                             "raw": json.dumps(raw, ensure_ascii=False)[:256] if raw else ""})
         per_input.append({"path": inp.path, "split": inp.split, "read": read, "kept": kept, "rejected": read - kept})
         progress(f"[ingest] {inp.path}: {read} rows, {kept} kept, {read - kept} rejected")
     if not rows:
         raise IngestError(f"no valid rows in {len(spec.inputs)} input(s); first problems: "
-                          + "; ".join(f"{r['path']} {r['row']}: {r['reason']}" for r in rejects[:3]))
+                          + "; ".join(f"{r['path']} {r['row']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else "")
+                                      for r in rejects[:3]))
 
     splits = {}
     for split, split_rows in rows.items():
@@ -374,6 +398,8 @@ def ingest(spec: DataIngestSpec, progress=print) -> dict:
     manifest = {"task": spec.task, "splits": splits, "inputs": per_input,
                 "labels": label_set if spec.task in ("classification", "pair_classification", "tokens") else None,
                 "rejected": len(rejects), "read": sum(i["read"] for i in per_input),
+                "rejected_by_reason": {k: sum(r["reason"] == k for r in rejects)
+                                       for k in sorted({r["reason"] for r in rejects})},
                 "config": resolved_dict(spec), "seconds": round(time.perf_counter() - t0, 2)}
     assert manifest["read"] == sum(s["rows"] for s in splits.values()) + len(rejects)
     manifest_uri = storage.join(out, "manifest.json")

@@ -34,7 +34,7 @@ from data_pipelines.sources import SourceSection, expand, read_records
 from data_pipelines.tokenizer import EOS, char_level, fingerprint, train_bpe
 
 MANIFEST_VERSION = 1
-_RECORD_COLUMNS = ["doc_id", "source_index", "path", "offset", "text", "status", "reason", "error_byte", "raw"]
+_RECORD_COLUMNS = ["doc_id", "source_index", "path", "offset", "text", "status", "reason", "error_byte", "detail", "raw"]
 STATUSES = ("kept", "filtered", "exact_dup", "near_dup", "rejected")
 _STAGE_ROWS_PER_FILE = 4096  # records a stage file: the unit of the finishing tasks
 
@@ -106,7 +106,7 @@ def _read_file(row: dict, sources: list[dict], cfg: dict) -> list[dict]:
     base = int(row["file_index"]) << 40  # doc ids sort by file, then offset: deterministic
     return [{"doc_id": base + r["offset"], "source_index": row["source_index"], "path": row["path"],
              "offset": r["offset"], "text": r["text"], "status": "rejected" if r["reason"] else "kept",
-             "reason": r["reason"], "error_byte": r["error_byte"], "raw": r["raw"]}
+             "reason": r["reason"], "error_byte": r["error_byte"], "detail": r["detail"], "raw": r["raw"]}
             for r in read_records(data, row["path"], source)]
 
 
@@ -199,7 +199,7 @@ def _finish(path: str, root: str, cfg: dict, exact: np.ndarray, near: np.ndarray
               .to_dict("records"))
     rejected = batch[batch["status"] == "rejected"]
     if len(rejected):
-        lines = rejected[["path", "offset", "reason", "error_byte", "raw"]].to_json(orient="records", lines=True, force_ascii=False)
+        lines = rejected[["path", "offset", "reason", "error_byte", "detail", "raw"]].to_json(orient="records", lines=True, force_ascii=False)
         storage.write_text(storage.join(root, f"rejects/{name}.jsonl"), lines, storage_cfg)
     if write_status:
         status = pa.Table.from_pandas(batch[["doc_id", "path", "offset", "status", "reason"]], preserve_index=False)

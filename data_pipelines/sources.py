@@ -129,10 +129,12 @@ def _hf_dataset_files(path: str, cfg) -> list[str]:
     return files
 
 
-def _record(offset: int, raw: bytes, text: str | None, reason: str, error_byte: int = -1) -> dict:
-    """One record.  `reason` names only the cause, so rejects group by it; where in the file the
-    fault lies (the first undecodable byte) is `error_byte` (-1: the record as a whole)."""
-    return {"offset": offset, "text": text or "", "reason": reason, "error_byte": error_byte,
+def _record(offset: int, raw: bytes, text: str | None, reason: str, error_byte: int = -1, detail: str = "") -> dict:
+    """One record.  `reason` names only the cause, never a value of this record, so rejects group
+    by it (`lmjobs data stats`: one line per cause); where in the file the fault lies (the first
+    undecodable byte) is `error_byte` (-1: the record as a whole), and what only this record says
+    about it (an exception's text, the fields it has) is `detail`."""
+    return {"offset": offset, "text": text or "", "reason": reason, "error_byte": error_byte, "detail": detail,
             "raw": raw[:RAW_PREFIX_BYTES].decode("utf-8", errors="replace") if reason else ""}
 
 
@@ -188,18 +190,21 @@ def _table_records(data: bytes, source: SourceSection) -> Iterator[dict]:
             else:  # save_to_disk writes arrow IPC streams
                 table = pa.ipc.open_stream(pa.BufferReader(data)).read_all()
         except pa.ArrowException as exc:
-            yield _record(0, data, None, f"unreadable {source.format}: {exc}")
+            yield _record(0, data, None, f"unreadable {source.format}", detail=str(exc))
             return
         if field not in table.column_names:
-            yield _record(0, b"", None, f"missing column '{field}' (columns: {', '.join(table.column_names)})")
+            yield _record(0, b"", None, f"missing column '{field}'", detail=f"columns: {', '.join(table.column_names)}")
             return
         rows = ((i, v) for i, v in enumerate(table.column(field).to_pylist()))
     else:
         try:
             reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
             rows = [(i, r.get(field)) for i, r in enumerate(reader)]
-        except (UnicodeDecodeError, csv.Error) as exc:
-            yield _record(0, data, None, f"unreadable CSV: {exc}")
+        except UnicodeDecodeError as exc:
+            yield _record(0, data, None, f"undecodable bytes (utf-8: {exc.reason})", exc.start)
+            return
+        except csv.Error as exc:
+            yield _record(0, data, None, "unreadable CSV", detail=str(exc))
             return
     for i, value in rows:
         raw = repr(value).encode("utf-8")
@@ -214,12 +219,12 @@ def _table_records(data: bytes, source: SourceSection) -> Iterator[dict]:
 
 
 def read_records(data: bytes, path: str, source: SourceSection) -> Iterator[dict]:
-    """Records of one file: {offset, text, reason, raw}; reason is '' for a good record."""
+    """Records of one file: {offset, text, reason, error_byte, detail, raw}; reason is '' for a good record."""
     if path.endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:
-            yield _record(0, data, None, f"bad gzip: {exc}")
+            yield _record(0, data, None, "bad gzip", detail=str(exc))
             return
     if source.format in ("parquet", "csv", "hf_dataset"):
         yield from _table_records(data, source)
@@ -281,10 +286,10 @@ def _tfrecord_records(data: bytes, source: SourceSection) -> Iterator[dict]:
         try:
             features = parse_example(payload)
         except (TFRecordError, UnicodeDecodeError) as exc:
-            yield _record(offset, raw, None, f"bad tf.train.Example: {exc}")
+            yield _record(offset, raw, None, "bad tf.train.Example", detail=str(exc))
             continue
         if field not in features:
-            yield _record(offset, raw, None, f"missing feature '{field}' (features: {', '.join(sorted(features))})")
+            yield _record(offset, raw, None, f"missing feature '{field}'", detail=f"features: {', '.join(sorted(features))}")
             continue
         kind, values = features[field]
         if kind != "bytes_list":

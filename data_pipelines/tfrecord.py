@@ -33,7 +33,7 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes | None, str]]:
     pos = 0
     while pos < len(data):
         if len(data) - pos < 12:
-            yield pos, None, f"truncated TFRecord header ({len(data) - pos} bytes left)"
+            yield pos, None, "truncated TFRecord header"
             return
         (length,) = struct.unpack_from("<Q", data, pos)
         (length_crc,) = struct.unpack_from("<I", data, pos + 8)
@@ -42,7 +42,7 @@ def iter_records(data: bytes) -> Iterator[tuple[int, bytes | None, str]]:
             return
         end = pos + 12 + length + 4
         if end > len(data):
-            yield pos, None, f"truncated TFRecord (needs {length} payload bytes)"
+            yield pos, None, "truncated TFRecord"
             return
         payload = data[pos + 12:pos + 12 + length]
         (payload_crc,) = struct.unpack_from("<I", data, end - 4)

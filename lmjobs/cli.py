@@ -104,6 +104,8 @@ def print_labelled_stats(m: dict) -> None:
         counts = s.get("label_counts")
         shown = ", ".join(f"{k}: {v}" for k, v in list(counts.items())[:12]) if counts else ""
         print(f"  {split}: {s['rows']} rows -> {s['file']}" + (f"  [{shown}]" if shown else ""))
+    for reason, n in m.get("rejected_by_reason", {}).items():  # one line per cause
+        print(f"  rejected{n:>7}  {reason}")
 
 
 def print_stats(m: dict) -> None:

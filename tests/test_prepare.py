@@ -136,8 +136,8 @@ def test_tfrecord_malformed_float_list_is_a_reject():
     recs = list(read_records(b"".join(parts), "x.tfrecord", SourceSection(path="x", format="tfrecord")))
     assert [r["offset"] for r in recs] == offsets  # one record each: read = kept + rejected
     assert recs[0]["text"] == "kept doc" and not recs[0]["reason"]
-    assert all(r["reason"].startswith("bad tf.train.Example: ") for r in recs[1:]), [r["reason"] for r in recs]
-    assert "float_list" in recs[1]["reason"] and "past the message" in recs[2]["reason"]
+    assert all(r["reason"] == "bad tf.train.Example" for r in recs[1:]), [r["reason"] for r in recs]
+    assert "float_list" in recs[1]["detail"] and "past the message" in recs[2]["detail"]  # the cause's specifics
 
 
 def test_tfrecord_parser_raises_only_tfrecorderror_on_corrupt_payloads():

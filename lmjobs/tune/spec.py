@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import pathlib
 from typing import Any, Literal
 
@@ -212,6 +213,9 @@ class TuneSpec(JobSpec):
 
     def base_spec(self) -> FinetuneSpec:
         """Validate the base, then each searched (and mutated) field at each of its probe values."""
+        if isinstance(self.base, str) and not os.path.exists(os.path.expanduser(self.base)):
+            # worded as every job's missing path (lmjobs.kinds.missing_paths), validate and tune alike
+            raise ValueError(f"base: {self.base} does not exist")
         try:
             self.base_dict()
         except (ValueError, OSError) as exc:  # a missing file or bad YAML (SpecError is a ValueError)
