@@ -5,7 +5,7 @@
   saves and loads checkpoints, exports the Hugging Face model.  It may hold the reference too.
 - `ReferenceActor`: the frozen starting policy's log-probs.
 - `CriticActor`: PPO's value model, trained through the same strategy.
-- `RolloutActor`: batched sampling with the KV cache; takes weight buckets.
+- `RolloutActor`: batched sampling with a KV cache (`sampler` for the Llama family); takes weight buckets.
 - `RewardActor`: the reward functions, reward model and/or remote scorer.
 """
 from __future__ import annotations
@@ -78,9 +78,11 @@ def _autocast(precision: str):
 
 
 def sample(model, tok, spec, prompts: list[str], group_size: int, seed: int, precision: str) -> dict:
-    """`group_size` sampled completions of each prompt (rows prompt by prompt), with the KV cache."""
+    """`group_size` sampled completions of each prompt (rows prompt by prompt), with a KV cache:
+    the lean loop of `sampler` for the Llama family, `generate` for other models."""
     import torch
 
+    from lmjobs.rlhf import sampler
     from lmjobs.rlhf.sequences import completions_of, encode_prompts, left_pad
 
     encoded = encode_prompts(tok, prompts, spec.data.chat_template, spec.data.max_prompt_tokens)
@@ -89,13 +91,19 @@ def sample(model, tok, spec, prompts: list[str], group_size: int, seed: int, pre
     torch.manual_seed(seed)
     was_training = model.training
     model.eval()
+    r = spec.rollout
     with torch.no_grad(), _autocast(precision):
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=spec.rollout.temperature,
-            top_k=spec.rollout.top_k, top_p=spec.rollout.top_p, max_new_tokens=spec.rollout.max_new_tokens,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+        if sampler.supports(model):
+            generated, _ = sampler.lean_generate(
+                model, ids, mask, r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+        else:
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=r.temperature, top_k=r.top_k,
+                top_p=r.top_p, max_new_tokens=r.max_new_tokens, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, use_cache=True)[:, ids.shape[1]:]
     model.train(was_training)
-    completions = completions_of(out[:, ids.shape[1]:], tok.eos_token_id)
+    completions = completions_of(generated, tok.eos_token_id)
     texts = tok.batch_decode(completions, skip_special_tokens=True)
     return {"prompt_ids": rows, "completion_ids": completions, "texts": texts}
 
