@@ -57,6 +57,9 @@ class _Problem:
         return self.reason + (f" ({self.detail})" if self.detail else "")
 
 
+_NOT_AN_OBJECT = _Problem("not a JSON object")
+
+
 class InputSection(Section):
     path: str  # a file, local or s3://
     format: Literal["csv", "tsv", "json", "jsonl", "tfrecord", "conll", "squad"]
@@ -125,16 +128,17 @@ def _rows(data: bytes, inp: InputSection) -> Iterator[tuple[str, dict | None, _P
                 yield f"line {n}", None, _Problem(f"bad JSON: {exc.msg}")
                 continue
             except UnicodeDecodeError as exc:
-                yield f"line {n}", None, _Problem(f"undecodable bytes (utf-8: {exc.reason})", error_byte=start + exc.start)
+                yield f"line {n}", None, _Problem(f"undecodable bytes (utf-8: {exc.reason})",
+                                                  error_byte=start + exc.start)
                 continue
-            yield (f"line {n}", obj, None) if isinstance(obj, dict) else (f"line {n}", None, _Problem("not a JSON object"))
+            yield (f"line {n}", obj, None) if isinstance(obj, dict) else (f"line {n}", None, _NOT_AN_OBJECT)
     elif inp.format == "json":
         obj = json.loads(data)
         records = obj.get("data") if isinstance(obj, dict) else obj
         if not isinstance(records, list):
             raise IngestError(f"{inp.path}: expected a JSON list of records (or {{\"data\": [...]}})")
         for n, rec in enumerate(records, 1):
-            yield (f"record {n}", rec, None) if isinstance(rec, dict) else (f"record {n}", None, _Problem("not a JSON object"))
+            yield (f"record {n}", rec, None) if isinstance(rec, dict) else (f"record {n}", None, _NOT_AN_OBJECT)
     elif inp.format == "squad":
         yield from _squad_rows(json.loads(data))
     elif inp.format == "conll":
@@ -304,7 +308,8 @@ def _check(row: dict, task: str, labels: set | None, delimiter: str, where: str)
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def read_records(path: str, fmt: str, cfg: StorageConfig | None = None) -> list[tuple[str, dict | None, _Problem | None]]:
+def read_records(path: str, fmt: str,
+                 cfg: StorageConfig | None = None) -> list[tuple[str, dict | None, _Problem | None]]:
     """(where, record, problem) of every record of a raw labelled file (csv, tsv, json, jsonl, squad);
     problem None for a good record."""
     if not storage.exists(path, cfg):
@@ -375,8 +380,8 @@ def ingest(spec: DataIngestSpec, progress=print) -> dict:
         progress(f"[ingest] {inp.path}: {read} rows, {kept} kept, {read - kept} rejected")
     if not rows:
         raise IngestError(f"no valid rows in {len(spec.inputs)} input(s); first problems: "
-                          + "; ".join(f"{r['path']} {r['row']}: {r['reason']}" + (f" ({r['detail']})" if r["detail"] else "")
-                                      for r in rejects[:3]))
+                          + "; ".join(f"{r['path']} {r['row']}: {r['reason']}"
+                                      + (f" ({r['detail']})" if r["detail"] else "") for r in rejects[:3]))
 
     splits = {}
     for split, split_rows in rows.items():

@@ -289,7 +289,8 @@ def _tfrecord_records(data: bytes, source: SourceSection) -> Iterator[dict]:
             yield _record(offset, raw, None, "bad tf.train.Example", detail=str(exc))
             continue
         if field not in features:
-            yield _record(offset, raw, None, f"missing feature '{field}'", detail=f"features: {', '.join(sorted(features))}")
+            yield _record(offset, raw, None, f"missing feature '{field}'",
+                          detail=f"features: {', '.join(sorted(features))}")
             continue
         kind, values = features[field]
         if kind != "bytes_list":

@@ -140,3 +140,21 @@ def test_ingest_rejects_group_by_cause_and_data_stats_shows_one_line_each(tmp_pa
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("rejected")]
     assert len(lines) == 4 and any(ln.split() == ["rejected", "2", "field", "'label':", "not", "in", "the", "label",
                                                   "set", "['neg',", "'pos']"] for ln in lines), lines
+
+
+def test_eval_task_rejects_group_by_cause(tmp_path):
+    from lmjobs.evaluate import icl
+    from lmjobs.evaluate.spec import TaskDef
+
+    path = tmp_path / "mc.jsonl"
+    rows = [{"q": "a", "choices": ["x", "y"], "answer": 0}, {"q": "b", "choices": ["x", "y"], "answer": "z"},
+            {"q": "c", "choices": ["x", "y"], "answer": "w"}, {"q": "d", "choices": ["x", "y"], "answer": 5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    task = TaskDef.model_validate({"name": "mc", "kind": "multiple_choice", "template": "{q}",
+                                   "eval": {"path": str(path), "format": "jsonl"},
+                                   "choices_field": "choices", "answer_field": "answer"})
+    examples, rejects = icl.load_examples(task, task.eval, "mc")
+    assert len(examples) == 1
+    assert [(r["reason"], r["detail"]) for r in rejects] == [
+        ("answer is neither a choice nor an index", "'z'"), ("answer is neither a choice nor an index", "'w'"),
+        ("answer is out of range for the choices", "5 of 2"), ("bad JSON: Expecting value", "")]

@@ -36,7 +36,8 @@ def field(record: dict, dotted: str):
 
 
 def _example(task: TaskDef, index: int, record: dict) -> Example:
-    """A record as an Example; KeyError / ValueError say what is wrong with it."""
+    """A record as an Example; KeyError / ValueError say what is wrong with it (a ValueError's
+    arguments: the cause, then this record's own value where it has one)."""
     fields = {k: v for k, v in record.items()}
     for name in task.template_fields():
         if name not in fields:
@@ -59,9 +60,9 @@ def _example(task: TaskDef, index: int, record: dict) -> Example:
         elif str(answer) in choices:
             gold = choices.index(str(answer))
         else:
-            raise ValueError(f"{task.answer_field} {answer!r} is neither a choice nor an index")
+            raise ValueError(f"{task.answer_field} is neither a choice nor an index", repr(answer))
         if not 0 <= gold < len(choices):
-            raise ValueError(f"{task.answer_field} {gold} is out of range for {len(choices)} choices")
+            raise ValueError(f"{task.answer_field} is out of range for the choices", f"{gold} of {len(choices)}")
         return Example(index, fields, choices, gold, (choices[gold],))
     answers = field(record, task.answer_field)
     answers = tuple(str(a) for a in (answers if isinstance(answers, list) else [answers]) if str(a).strip())
@@ -90,13 +91,14 @@ def load_examples(task: TaskDef, data: TaskData, where: str, cfg=None) -> tuple[
                                             f"{', '.join(sorted(record))})" if what == "template" else
                                             f"{what}: {name!r} is not a field of {data.path} (fields: "
                                             f"{', '.join(sorted(record))})"]) from None
-                problem = f"no field {name}"
+                problem = (f"no field {name}", "")
             except LookupError as exc:
                 raise SpecError(where, [f"verbalizers: no verbaliser for label {exc.args[0]!r} (in {data.path} {loc}; "
                                         f"verbalizers has {', '.join(map(repr, task.verbalizers))})"]) from None
-            except ValueError as exc:
-                problem = str(exc)
-        rejects.append({"path": data.path, "row": loc, "reason": str(problem)})  # a str or a labelled _Problem
+            except ValueError as exc:  # the cause in the reason (rejects group by it), the value in detail
+                problem = (exc.args[0], exc.args[1] if len(exc.args) > 1 else "")
+        reason, detail = problem if isinstance(problem, tuple) else (problem.reason, problem.detail)
+        rejects.append({"path": data.path, "row": loc, "reason": reason, "detail": detail})
     if not examples:
         raise ValueError(f"{where}: {data.path} holds no usable records ({len(records)} read"
                          + (f"; first problem: {rejects[0]['row']}: {rejects[0]['reason']}" if rejects else "") + ")")
