@@ -97,6 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", ""),
                    help="python of a virtual environment with trl (default: $TRL_PYTHON)")
     p.add_argument("--ppo", action="store_true", help="also PPO (lmjobs) in the learning config")
+    p.add_argument("--lmjobs", default="fp32,auto", help="lmjobs precisions to run, of fp32,auto")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "b3"))
     args = p.parse_args(argv)
     out = pathlib.Path(args.out).resolve()
@@ -117,7 +118,8 @@ def main(argv=None) -> int:
         print(f"[b3]   trl          {rows['trl']['completions_per_s']:.2f} completions/s"
               f"{' (recorded)' if rows['trl']['recorded'] else ''}"
               f"{f' (other processes busy in steps {contended})' if contended else ''}", flush=True)
-        for label, sets in (("lmjobs fp32", ["deepspeed.precision=fp32"]), ("lmjobs auto", [])):
+        sides = (("lmjobs fp32", ["deepspeed.precision=fp32"]), ("lmjobs auto", []))
+        for label, sets in [s for s in sides if s[0].split()[1] in args.lmjobs.split(",")]:
             rows[label] = run_lmjobs(config, here, label.replace(" ", "-"), sets)
             print(f"[b3]   {label:<12} {rows[label]['completions_per_s']:.2f} completions/s", flush=True)
         if args.ppo and name == "learning":
@@ -141,6 +143,20 @@ def main(argv=None) -> int:
                   f"{r.get('reward_last_quarter', float('nan')):>7.3f} "
                   f"{gain if gain is not None else float('nan'):>6.3f} {kl[-1] if kl else float('nan'):>8.4f}"
                   f"{'  (recorded, not run here)' if r.get('recorded') else ''}")
+    print("\nphases, steady mean s/step (TRL: generate | ref log-probs | reward | policy forward + backward "
+          "+ optimizer + rest; lmjobs: generate | reference | score | train + advantages + sync)")
+    for name, rows in results.items():
+        for side, r in rows.items():
+            ph = r.get("phases")
+            if not ph:
+                continue
+            if side == "trl":
+                parts = (ph["generate"], ph["ref_logprobs"], ph["reward"],
+                         ph["policy_forward"] + ph["backward_optimizer_other"] + ph["prepare_inputs_other"])
+            else:
+                parts = (ph["generate_s"], ph["reference_s"], ph["score_s"],
+                         ph["train_s"] + ph["advantages_s"] + ph["sync_s"])
+            print(f"{name:<11} {side:<12} " + " ".join(f"{v:>7.2f}" for v in parts))
     print(f"\nresults: {out / 'b3.json'}")
     return 0
 

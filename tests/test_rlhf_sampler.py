@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from lmjobs.rlhf.sampler import _filter, lean_generate, supports
+from lmjobs.rlhf.sampler import _draw, _filter, lean_generate, supports
 from lmjobs.rlhf.sequences import collate, completions_of, forward_logits, left_pad, token_logprobs
 
 EOS, PAD = 1, 0
@@ -78,6 +78,14 @@ def test_filter_keeps_what_generates_warpers_keep(top_k, top_p):
     if top_p < 1.0:
         expected = TopPLogitsWarper(top_p)(None, expected)
     assert torch.equal(torch.isinf(_filter(logits, top_k, top_p)), torch.isinf(expected))
+
+
+def test_draw_follows_the_distribution_and_never_takes_a_zero():
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)
+    tokens = _draw(probs, torch.Generator().manual_seed(0)).view(20000, 2)
+    freq = torch.bincount(tokens[:, 0], minlength=4).float() / 20000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.0, 0.3, 0.2]), atol=0.015) and freq[1] == 0
+    assert (tokens[:, 1] == 3).all()
 
 
 def test_other_models_keep_generate(tiny_gpt2, tiny_llama):

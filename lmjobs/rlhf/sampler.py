@@ -5,8 +5,8 @@ biases): the rollout's hot loop without `generate`'s per-token machinery.  No Ra
 - q/k/v and gate/up projections fused into one matrix each (fewer, larger matmuls per layer)
 - left-padded prompts in one batch; positions count real tokens only, as `generate` and the
   training forward (`sequences.collate`) number them, so the log-probs agree
-- temperature, top-k, top-p and the draw on the tensors; end-of-sequence checked on the tensors and
-  the loop stops only every `check_every` tokens (or when every row has finished)
+- temperature, top-k, top-p and the draw (inverse CDF) on the tensors; end-of-sequence checked on
+  the tensors, and the loop asks whether every row has finished only every `check_every` tokens
 
 `supports(model)` says whether a model can take this path; others use `generate`.
 
@@ -109,6 +109,15 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token a row [B] from probs [B, V], by the inverse of the cumulative distribution (one
+    uniform a row: `multinomial` draws an exponential for every vocabulary entry).  A token of
+    probability 0 adds nothing to the sum and is never drawn."""
+    cdf = probs.cumsum(-1)  # [B, V]
+    u = torch.rand(probs.shape[0], 1, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def lean_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                   top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
@@ -144,14 +153,15 @@ def lean_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: 
     x = _forward(w, ids, cos[:, :, :p], sin[:, :, :p], cache, 0, prefill_mask)[:, -1]  # [B, E]
     steps = 0
     for t in range(max_new_tokens):
-        logits = F.linear(_rms(x, w.norm, w.eps), w.lm_head).float()  # [B, V]
-        scaled = logits / temperature
+        scaled = F.linear(_rms(x, w.norm, w.eps), w.lm_head).float() / temperature  # [B, V]
+        logp_all = scaled.log_softmax(-1)
         if greedy:
             token = scaled.argmax(-1)
         else:
-            probs = _filter(scaled, top_k, top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        logp = scaled.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
+            filtered = top_k or top_p < 1.0
+            probs = _filter(scaled, top_k, top_p).softmax(-1) if filtered else logp_all.exp()
+            token = _draw(probs, generator)
+        logp = logp_all.gather(-1, token[:, None]).squeeze(-1)
         token = token.masked_fill(finished, pad_id)
         tokens[:, t] = token
         logps[:, t] = logp.masked_fill(finished, 0.0)
