@@ -86,6 +86,9 @@ class DeepSpeedStrategy:
         self.optim = optim
         self.total_steps = total_steps
         self.engine = None
+        self._params: list[torch.Tensor] = []
+        self._clip = 0.0  # > 0: this strategy clips (ZeRO-0 with torch's AdamW), not DeepSpeed
+        self._grad_norm: torch.Tensor | None = None  # the last step's norm, read only when logged
 
     def setup(self, model: torch.nn.Module):
         import deepspeed
@@ -111,10 +114,18 @@ class DeepSpeedStrategy:
             p = config["optimizer"]["params"]
             optimizer = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
                                           weight_decay=p["weight_decay"], fused=True)
-            config = {k: v for k, v in config.items() if k != "optimizer"}
+            # and clipping is torch's foreach kernel too (DeepSpeed's walks the tensors one by one
+            # in Python and does not report the norm of a torch optimizer's step)
+            self._clip = config.pop("gradient_clipping", 0.0)
+            self._params = [p for group in groups for p in group["params"]]
+            config = {k: v for k, v in config.items() if k not in ("optimizer", "gradient_clipping")}
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=groups, optimizer=optimizer, config=config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        if config["zero_optimization"]["stage"] == 0 and self.engine.world_size == 1:
+            # one process: DeepSpeed would still flatten every gradient into a bucket, all-reduce it
+            # with itself and copy it back, each step
+            self.engine.enable_backward_allreduce = False
         return self.engine
 
     @property
@@ -129,7 +140,9 @@ class DeepSpeedStrategy:
         with self._autocast():
             outputs = forward(self.engine, batch) if forward else self.engine(**batch)
             loss, figures = loss_fn(outputs, batch) if loss_fn else (outputs.loss, {})
-        self.engine.backward(loss)
+        self.engine.backward(loss)  # all-reduces the gradients at accumulation boundaries
+        if self._clip > 0 and self.engine.is_gradient_accumulation_boundary():
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self._clip, foreach=True)
         self.engine.step()  # DeepSpeed only steps the optimizer at accumulation boundaries
         return loss.detach(), figures
 
@@ -142,7 +155,7 @@ class DeepSpeedStrategy:
         return self.engine.get_lr()[0]
 
     def grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
+        norm = self._grad_norm if self._clip > 0 else self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     @contextlib.contextmanager
