@@ -9,10 +9,12 @@ Space (default): learning rate {2e-5, 1e-4, 5e-4} x batch {16, 32} x warmup step
 - grid: every setting to its full epoch (the peer: exhaustive grid, FIFO).
 - asha: the same 12 settings, ASHA (grace 0.25 epoch, reduction factor 3) stops the weak ones.
 - optuna+asha: Optuna TPE picks 2/3 as many settings from the same values, ASHA as above.
+- sha: the same settings, synchronous successive halving (`scheduler.kind: sha`, same grace and
+  reduction factor): every trial is ranked at each rung before any goes on.
 Reported: best dev accuracy of each, trial-epochs and CPU-seconds spent, ratios to the grid.
 Goal: within 1 % of the grid's best at <= 1/3 of its compute.
 
-    .venv/bin/python benchmarks/b4_campaign.py [--train-rows 2000] [--dev-rows 400] [--only grid,asha,optuna]
+    .venv/bin/python benchmarks/b4_campaign.py [--train-rows 2000] [--dev-rows 400] [--only grid,asha,optuna,sha]
         [--epochs 1] [--grace 0.25] [--reduction-factor 3] [--lr 2e-5,1e-4,5e-4] [--batch 16,32] [--warmup 0,20]
         [--optuna-trials N] [--out benchmarks/results/b4.json]
 """
@@ -69,9 +71,9 @@ def campaign(name: str, data: str, root: str, epochs: float = 1.0, grace: float 
     if name == "grid":
         body.update(space={k: {"grid": v} for k, v in values.items()}, searcher={"kind": "grid"},
                     scheduler={"kind": "fifo"}, budget={"num_trials": None})
-    elif name == "asha":
-        body.update(space={k: {"grid": v} for k, v in values.items()}, searcher={"kind": "grid"}, scheduler=asha,
-                    budget={"num_trials": None})
+    elif name in ("asha", "sha"):
+        body.update(space={k: {"grid": v} for k, v in values.items()}, searcher={"kind": "grid"},
+                    scheduler={**asha, "kind": name}, budget={"num_trials": None})
     else:
         body.update(space={k: {"choice": v} for k, v in values.items()}, searcher={"kind": "optuna"}, scheduler=asha,
                     budget={"num_trials": optuna_trials})
@@ -82,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-rows", type=int, default=2000)
     parser.add_argument("--dev-rows", type=int, default=400)
-    parser.add_argument("--only", default="grid,asha,optuna")
+    parser.add_argument("--only", default="grid,asha,optuna,sha")
     parser.add_argument("--epochs", type=float, default=1.0, help="each trial's full budget")
     parser.add_argument("--grace", type=float, default=0.25, help="ASHA grace period (epochs)")
     parser.add_argument("--reduction-factor", type=float, default=3)

@@ -109,6 +109,7 @@ def test_campaign_spec_errors_name_the_field(keyword_task, tmp_path):
         "choice": [8, 16]}}})
     assert "scheduler.mutations" in problems(scheduler={"kind": "asha", "mutations": {"optim.lr": {"choice": [1]}}})
     assert "scheduler.synch" in problems(scheduler={"kind": "asha", "synch": True})
+    assert "use asha with optuna" in problems(scheduler={"kind": "sha"}, searcher={"kind": "optuna"})
     assert "base:" in problems(base=str(tmp_path / "missing.yaml"))
     assert "not kind 'pretrain'" in problems(base={"kind": "pretrain", "name": "p"})
     good = load_spec(_write(tmp_path, _campaign(keyword_task, "good", searcher={"kind": "grid"}, budget={
@@ -287,6 +288,50 @@ def test_asha_campaign_survives_driver_kill_reports_and_exports(ray_cluster, key
     # retention: each run keeps its best checkpoint plus its latest
     for run in trials.glob("*/run"):
         assert 1 <= len(list(run.glob("checkpoint_step*"))) <= 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sync_halving_ranks_every_trial_at_each_rung(ray_cluster, keyword_task):
+    """Synchronous successive halving over a 4-point grid, 1 epoch, rungs at 1/4 and 1/2 epoch,
+    halving at each: 4 trials reach the first rung, the best 2 by held-out loss there go on, the
+    best of those finishes; no trial passes a rung before all were ranked there, never more than
+    2 run at once, and the campaign costs what the plan says (2 of the grid's 4 trial-epochs)."""
+    from lmjobs.tune.driver import run
+    from lmjobs.tune.halving import planned_trial_epochs
+
+    body = _campaign(keyword_task, "sha", searcher={"kind": "grid"}, budget={"num_trials": None},
+                     space={"optim.lr": {"grid": [1e-3, 3e-3, 1e-2, 3e-2]}}, report_every=0.25,
+                     scheduler={"kind": "sha", "grace_period": 0.25, "reduction_factor": 2}, keep_checkpoints=1)
+    body["base"]["train"]["epochs"] = 1
+    spec = load_spec(_write(keyword_task["tmp"], body), KINDS)
+    run(spec)
+    trials = keyword_task["tmp"] / "runs" / "sha" / "trials"
+    results = {p.name: _jsonl(p / "results.jsonl") for p in trials.iterdir() if p.is_dir()}
+    assert len(results) == 4
+    reached = {t: max(r["epoch"] for r in rs) for t, rs in results.items()}
+    assert sorted(reached.values()) == [0.25, 0.25, 0.5, 1.0], reached
+    status = {t: json.loads((trials / t / "status.json").read_text())["status"] for t in results}
+    assert sorted(status.values()) == ["finished", "stopped_early", "stopped_early", "stopped_early"], status
+
+    def at(trial: str, epoch: float) -> dict:
+        return next(r for r in results[trial] if abs(r["epoch"] - epoch) < 1e-9)
+
+    for rung, keep in ((0.25, 2), (0.5, 1)):
+        ranked = sorted((t for t in results if reached[t] >= rung), key=lambda t: at(t, rung)["val_loss"])
+        assert {t for t in ranked[:keep]} == {t for t in results if reached[t] > rung}, (rung, ranked, reached)
+        # synchronous: the first result past this rung came after every trial's result at it
+        last_at = max(at(t, rung)["time"] for t in ranked)
+        after = [r["time"] for t in results for r in results[t] if r["epoch"] > rung + 1e-9]
+        assert min(after) > last_at
+    spans = []
+    for t, rs in results.items():
+        for a in _jsonl(trials / t / "attempts.jsonl"):
+            times = [r["time"] for r in rs if r["attempt"] == a["attempt"]]
+            if times:
+                spans.append((a["start"], max(times)))
+    assert _overlap(spans) <= 2
+    assert sum(reached.values()) == planned_trial_epochs(4, 0.25, 2, 1.0, 0.25) == 2.0
 
 
 @pytest.mark.ray

@@ -103,16 +103,21 @@ def _searcher(spec: TuneSpec, running: int):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=spec.seed)
-    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=running)
+    # sha: every trial exists from the start (paused, unstarted); the scheduler starts them
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=0 if spec.scheduler.kind == "sha" else running)
 
 
-def _scheduler(spec: TuneSpec, max_epochs: float):
+def _scheduler(spec: TuneSpec, max_epochs: float, running: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     s = spec.scheduler
     if s.kind == "asha":
         return ASHAScheduler(time_attr="epoch", max_t=max_epochs, grace_period=s.grace_period,
                              reduction_factor=s.reduction_factor, brackets=1)
+    if s.kind == "sha":
+        from lmjobs.tune.halving import SyncHalving
+
+        return SyncHalving(spec.num_trials, s.grace_period, s.reduction_factor, max_epochs, spec.report_every, running)
     if s.kind == "pbt":
         import random
 
@@ -233,13 +238,15 @@ def run(spec: TuneSpec) -> dict:
         if spec.searcher.kind == "optuna":
             restored._tune_config.max_concurrent_trials = running
         else:
-            restored._tune_config.search_alg.max_concurrent = running
+            restored._tune_config.search_alg.max_concurrent = 0 if spec.scheduler.kind == "sha" else running
+        if spec.scheduler.kind == "sha":
+            restored._tune_config.scheduler._max_running = running
     else:
         tuner = tune.Tuner(
             trainable, param_space=_param_space(spec),
             tune_config=tune.TuneConfig(
                 metric=spec.metric, mode=spec.mode, search_alg=_searcher(spec, running),
-                scheduler=_scheduler(spec, max_epochs), num_samples=1 if spec.searcher.kind == "grid" else spec.num_trials,
+                scheduler=_scheduler(spec, max_epochs, running), num_samples=1 if spec.searcher.kind == "grid" else spec.num_trials,
                 max_concurrent_trials=running if spec.searcher.kind == "optuna" else None, time_budget_s=spec.budget.wall_clock_s, reuse_actors=False),
             run_config=tune.RunConfig(
                 name=name, storage_path=storage_path, storage_filesystem=filesystem,

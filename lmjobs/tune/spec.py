@@ -76,11 +76,13 @@ class SearcherSection(Section):
 
 class SchedulerSection(Section):
     # fifo: every trial runs its whole budget; asha: asynchronous successive halving stops the
-    # weak ones at rungs (grace_period x reduction_factor^k epochs); pbt: population based
-    # training, weak trials continue from a strong trial's checkpoint with mutated settings
-    kind: Literal["fifo", "asha", "pbt"] = "asha"
-    grace_period: float = Field(0.25, gt=0)  # asha: epochs every trial gets before it can be stopped
-    reduction_factor: float = Field(2.0, gt=1)  # asha: keep 1/reduction_factor of the trials at each rung
+    # weak ones at rungs (grace_period x reduction_factor^k epochs); sha: synchronous successive
+    # halving, every trial ranked at each rung before any goes on (lmjobs.tune.halving); pbt:
+    # population based training, weak trials continue from a strong trial's checkpoint with
+    # mutated settings
+    kind: Literal["fifo", "asha", "sha", "pbt"] = "asha"
+    grace_period: float = Field(0.25, gt=0)  # asha, sha: epochs every trial gets before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)  # asha, sha: keep 1/reduction_factor of the trials at each rung
     perturbation_interval: float = Field(0.5, gt=0)  # pbt: epochs between exploit/explore decisions
     mutations: dict[str, Domain] = {}  # pbt: fields resampled or perturbed (x0.8 / x1.2) on exploit
     quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # pbt: bottom share copies the top share
@@ -170,7 +172,13 @@ class TuneSpec(JobSpec):
             raise ValueError(f"scheduler.mutations: for scheduler.kind pbt, not {self.scheduler.kind}")
         elif self.scheduler.synch:
             raise ValueError(f"scheduler.synch: for scheduler.kind pbt, not {self.scheduler.kind}")
-        self.base_spec()  # the base and every value of the space make valid fine-tune specs
+        base = self.base_spec()  # the base and every value of the space make valid fine-tune specs
+        if self.scheduler.kind == "sha" and self.searcher.kind == "optuna":
+            raise ValueError("scheduler.kind sha: takes searcher.kind grid or random (every trial is drawn before the "
+                             "first rung; Optuna would learn nothing); use asha with optuna")
+        if self.scheduler.kind == "sha" and not base.train.epochs:
+            raise ValueError("scheduler.kind sha: the base needs train.epochs (the full budget its rungs lead to), "
+                             "not train.steps")
         return self
 
     @property

@@ -161,7 +161,8 @@ def _relay(item: dict, spec: TuneSpec, campaign_dir: str, trial_dir: str, trial_
     path = item.pop("checkpoint_path")
     uri = ("s3://" + path if storage.is_remote(campaign_dir) else path) if path else None
     result = {k: v for k, v in item.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    result.update(epoch=item["step"] / per_epoch, attempt=attempt)
+    result.update(epoch=item["step"] / per_epoch, attempt=attempt,
+                  evaluations=round(item["step"] / per_epoch / spec.report_every))  # sha's time unit
     _append(storage.join(trial_dir, "results.jsonl"),
             {**result, "time": time.time(), "run": run, "checkpoint": uri}, cfg)
     if uri is None:
