@@ -95,3 +95,17 @@ def test_other_models_keep_generate(tiny_gpt2, tiny_llama):
     assert not supports(transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2))
     lora = get_peft_model(copy.deepcopy(tiny_llama), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert not supports(lora) and not supports(lora.base_model.model)
+
+
+def test_under_bf16_autocast_the_sampler_matches_the_training_forward(tiny_llama):
+    # precision auto: the sampler's bf16 weight copies give what autocast gives the training forward
+    ids, mask = _prompts()
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(4)
+        tokens, logps = lean_generate(tiny_llama, ids, mask, 12, eos_id=EOS, pad_id=PAD)
+        batch = collate(rows, completions_of(tokens, EOS), PAD)
+        with torch.no_grad():
+            logp, _ = token_logprobs(forward_logits(tiny_llama, batch), batch["completion_ids"])
+    m = batch["completion_mask"]
+    assert float(((logp - logps[:, :logp.shape[1]]) * m).abs().max()) < 1e-2  # bf16 sums: one step against the whole sequence

@@ -41,6 +41,13 @@ class _Weights:
     call, about a third of the weights, far less than the decode steps' reads of them)."""
 
     def __init__(self, model):
+        # under autocast the matmul weights are cast once here: autocast would cast these copies
+        # (not leaf parameters, so not in its cast cache) again on every call; same numbers
+        cast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+        def mat(t: torch.Tensor) -> torch.Tensor:
+            return t.to(cast) if cast is not None else t
+
         cfg = model.config
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
@@ -49,15 +56,15 @@ class _Weights:
         self.inter = cfg.intermediate_size
         self.embed = model.model.embed_tokens.weight
         self.norm = model.model.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head = mat(model.lm_head.weight)
         self.rotary = model.model.rotary_emb
         self.layers = []
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((layer.input_layernorm.weight,
-                                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                                a.o_proj.weight, layer.post_attention_layernorm.weight,
-                                torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight))
+                                mat(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                                mat(a.o_proj.weight), layer.post_attention_layernorm.weight,
+                                mat(torch.cat([m.gate_proj.weight, m.up_proj.weight])), mat(m.down_proj.weight)))
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
