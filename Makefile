@@ -53,14 +53,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow" $(PYTEST_ARGS)
 
-# B1 runs nanoGPT's own train.py from a checkout named by NANOGPT_DIR (not on PyPI), B3 TRL's GRPO
-# script in the virtual environment TRL_PYTHON names; without them their rows are the recorded
-# figures, marked as such
+# The peers run from where these name them: B1 nanoGPT's own train.py from a checkout in NANOGPT_DIR
+# (not on PyPI), B2 datatrove in the virtual environment DATATROVE_PYTHON names, B3 TRL's GRPO script
+# in TRL_PYTHON's, BE lm-evaluation-harness in LMEVAL_PYTHON's (benchmarks/README.md: how to make
+# each); without one, its row is the recorded figure or "not run", marked as such
 bench: install
 	$(PY) benchmarks/b1_pretrain.py
 	$(PY) benchmarks/b2_corpus.py
 	$(PY) benchmarks/bf_finetune.py
 	$(PY) benchmarks/b3_rlhf.py --config throughput
+	$(PY) benchmarks/be_eval.py
+	$(PY) benchmarks/b4_campaign.py
 
 # a 3-node cluster on this machine whose worker nodes share no filesystem (root: unshare --mount);
 # `eval $$(.venv/bin/python -m cluster.testbed status --env)` points lmjobs commands at it
