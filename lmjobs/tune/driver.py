@@ -94,6 +94,12 @@ def _check_rerun(spec: TuneSpec, cdir: str) -> None:
                things="campaigns")
 
 
+def _searcher_limit(spec: TuneSpec, running: int) -> int:
+    """Trials the variant generator keeps live at once; sha: every trial exists from the start
+    (paused, unstarted) and its scheduler starts them (lmjobs.tune.halving)."""
+    return 0 if spec.scheduler.kind == "sha" else running
+
+
 def _searcher(spec: TuneSpec, running: int):
     """Optuna is limited by TuneConfig.max_concurrent_trials; the variant generator only by its own
     max_concurrent (Tune ignores the TuneConfig one for a generator passed in)."""
@@ -103,8 +109,7 @@ def _searcher(spec: TuneSpec, running: int):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=spec.seed)
-    # sha: every trial exists from the start (paused, unstarted); the scheduler starts them
-    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=0 if spec.scheduler.kind == "sha" else running)
+    return BasicVariantGenerator(random_state=spec.seed, max_concurrent=_searcher_limit(spec, running))
 
 
 def _scheduler(spec: TuneSpec, max_epochs: float, running: int):
@@ -238,7 +243,7 @@ def run(spec: TuneSpec) -> dict:
         if spec.searcher.kind == "optuna":
             restored._tune_config.max_concurrent_trials = running
         else:
-            restored._tune_config.search_alg.max_concurrent = 0 if spec.scheduler.kind == "sha" else running
+            restored._tune_config.search_alg.max_concurrent = _searcher_limit(spec, running)
         if spec.scheduler.kind == "sha":
             restored._tune_config.scheduler._max_running = running
     else:
