@@ -1,7 +1,8 @@
 """Runs `prepare` twice in its own embedded Ray cluster: a tiny warm-up, then the measured run.
 
-Prints READY once the cluster and its workers are warm and DONE after the measured run, so a
-watcher can sample the memory of this process tree between the two.
+Prints READY once the cluster and its workers are warm, waits for a line on stdin (the watcher
+takes the idle baseline meanwhile), and prints DONE after the measured run, so a watcher can
+sample the memory of this process tree between the two.
     python memory_probe.py CORPUS_DIR WARMUP_DIR OUT_DIR
 """
 import sys
@@ -22,5 +23,6 @@ if __name__ == "__main__":
     connect(None, num_cpus=2)
     prepare(spec(warmup, out, "warmup"), progress=lambda *_: None)
     print("READY", flush=True)
+    sys.stdin.readline()
     result = prepare(spec(corpus, out, "measured"), progress=lambda *_: None)
     print("DONE", result["counts"]["total"]["read"], flush=True)
