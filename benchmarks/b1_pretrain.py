@@ -273,6 +273,8 @@ def run_lmjobs(spec: PretrainSpec, timeout_s: int) -> dict:
     resolved = json.loads((pathlib.Path(result["checkpoint"]) / "train_state.json").read_text())
     return {"cluster_start_s": start_s, "run_s": run_s, "wall_s": start_s + run_s, "train_s": train_s,
             "tokens_per_s": tokens / train_s, "mfu": history[-1].get("mfu"), "precision": resolved["precision"],
+            # share of the steady windows the worker waited for its next batch (Ray Data behind)
+            "data_wait": sum(m.get("data_wait", 0.0) for m in history[1:]) / max(1, len(history) - 1),
             "hf": str(pathlib.Path(result["checkpoint"]) / "hf")}
 
 
