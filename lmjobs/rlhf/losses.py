@@ -84,6 +84,18 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
     raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
 
 
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                  kl_coef: float, estimator: str) -> torch.Tensor:
+    """PPO's per-token rewards [B, T]: each completion's score on its last token, minus
+    kl_coef x the chosen KL estimate on every completion token (reward shaping; 0 turns it off)."""
+    rewards = torch.zeros_like(mask, dtype=torch.float32)
+    if kl_coef:
+        rewards = -kl_coef * kl_penalty(logp, ref_logp, estimator) * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of the categorical distribution the logits give ([batch, T])."""
     logp = F.log_softmax(logits.float(), dim=-1)

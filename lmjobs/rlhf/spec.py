@@ -79,6 +79,8 @@ class RolloutSection(Section):
     gpus_per_worker: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(32, ge=1)
     temperature: float = Field(1.0, gt=0)
+    # truncated sampling: off, and refused by the on-policy algorithms here (RlhfSpec._combinations);
+    # kept for generation settings shared with evaluation and for off-policy use
     top_k: int = Field(0, ge=0)  # 0: off
     top_p: float = Field(1.0, gt=0, le=1)
     max_restarts: int = Field(3, ge=0)
@@ -95,8 +97,13 @@ class RlhfDataSection(Section):
 class KlSection(Section):
     coef: float = Field(0.04, ge=0)  # 0: no reference model at all
     controller: Literal["fixed", "adaptive"] = "fixed"
-    target: float = Field(0.1, gt=0)  # adaptive: the KL per sequence aimed at; both: the bound reported
-    horizon: int = Field(10000, ge=1)
+    # one unit everywhere: the mean KL per completion token (the `kl` of metrics.jsonl), which
+    # `adaptive` steers toward and both controllers report against
+    target: float = Field(0.1, gt=0)
+    # adaptive: completions over which a full error moves the coefficient by 100 % (Ziegler et al.);
+    # None: ten steps' completions, so the coefficient moves at the scale of a run (at most ~2 % a step)
+    horizon: int | None = Field(None, ge=1)
+    # the per-token estimate used in the loss (GRPO / RLOO), in PPO's reward shaping and in the log
     estimator: Literal["k1", "k2", "k3"] = "k3"
     # loss: beta * KL added to the policy loss (GRPO); reward: -coef * KL per token in the reward (PPO)
     where: Literal["loss", "reward"] | None = None  # default: loss for grpo/rloo, reward for ppo
@@ -187,6 +194,12 @@ class RlhfSpec(JobSpec):
             raise ValueError("deepspeed.precision: fp16 needs policy.gpus > 0; on CPU use bf16_autocast or fp32")
         if self.optim.min_lr is not None and self.optim.min_lr > self.optim.lr:
             raise ValueError(f"optim.min_lr ({self.optim.min_lr}) must not exceed optim.lr ({self.optim.lr})")
+        for field, off in (("top_k", 0), ("top_p", 1.0)):
+            if getattr(self.rollout, field) != off:
+                raise ValueError(
+                    f"rollout.{field}: {self.algorithm} is on-policy; its ratios and KL use the log-probs of the "
+                    f"full distribution, and sampling from a truncated one would bias them. Leave rollout.{field} "
+                    f"at {off} and shape sampling with rollout.temperature")
         if self.kl.where == "reward" and self.algorithm != "ppo":
             raise ValueError(f"kl.where: reward shaping is PPO's (per-token rewards); {self.algorithm} puts the "
                              "KL in the loss")
@@ -195,6 +208,10 @@ class RlhfSpec(JobSpec):
     @property
     def kl_where(self) -> str:
         return self.kl.where or ("reward" if self.algorithm == "ppo" else "loss")
+
+    @property
+    def kl_horizon(self) -> int:
+        return self.kl.horizon or 10 * self.completions_per_step
 
     @property
     def completions_per_step(self) -> int:
