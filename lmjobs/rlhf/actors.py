@@ -394,13 +394,13 @@ class RolloutActor:
 
 @ray.remote
 class RewardActor:
-    def __init__(self, section_data: dict, sources: dict, storage_data: dict | None = None):
+    def __init__(self, section_data: dict, sources: dict, storage_data: dict | None = None, auth: str | None = None):
         from cluster.storage import StorageConfig
         from lmjobs.rlhf.rewards import Scorer
         from lmjobs.rlhf.spec import RlhfRewardSection
 
         self.scorer = Scorer(RlhfRewardSection.model_validate(section_data), sources,
-                             StorageConfig.model_validate(storage_data) if storage_data else None)
+                             StorageConfig.model_validate(storage_data) if storage_data else None, auth)
 
     def ping(self) -> bool:
         return True
@@ -408,9 +408,10 @@ class RewardActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, prompts: list[str], completions: list[str], threads: int | None = None) -> dict:
+    def score(self, prompts: list[str], completions: list[str], threads: int | None = None,
+              step: int | None = None) -> dict:
         _threads(threads)
-        return self.scorer.score(prompts, completions)
+        return self.scorer.score(prompts, completions, step)
 
 
 class Placement:

@@ -114,13 +114,14 @@ def check_same_run(saved: dict, spec: RlhfSpec, where: str) -> None:
 
 class Controller:
     def __init__(self, spec: RlhfSpec, progress=print):
-        from lmjobs.rlhf.rewards import shipped
+        from lmjobs.rlhf.rewards import auth_header, shipped
 
         self.spec, self.progress, self.cfg = spec, progress, spec.output.storage
         self.run_dir = run_dir_of(spec)
         self.prompts = load_prompts(spec.data.prompts, self.cfg)
         # reward code read here and sent with the actors' arguments; a wrong path fails before any cluster work
         self.reward_section, self.reward_sources = shipped(spec.reward)
+        self.reward_auth = auth_header(spec.reward)  # held in memory only: never in a file or a log line
         self.policy = self.reference = self.critic = self.reward = self.rollout = self.placement = None
         self.step = 0
         self.resume_from = latest_checkpoint(self.run_dir, self.cfg)
@@ -199,7 +200,8 @@ class Controller:
         if spec.algorithm == "ppo":
             roles["critic"] = (lambda i: (data,), 1, {"CPU": spec.critic.cpus, "GPU": spec.critic.gpus}, 0)
         storage_data = spec.output.storage.model_dump(mode="json") if spec.output.storage else None
-        roles["reward"] = (lambda i: (reward_data, self.reward_sources, storage_data), spec.reward.num_actors, {"CPU": spec.reward.cpus},
+        roles["reward"] = (lambda i: (reward_data, self.reward_sources, storage_data, self.reward_auth), spec.reward.num_actors,
+                           {"CPU": spec.reward.cpus},
                            spec.reward.max_restarts)
         if not spec.rollout.colocate:
             roles["rollout"] = (lambda i: (data, i), spec.rollout.num_workers,
@@ -251,7 +253,7 @@ class Controller:
         """Phase 2: raw scores, then normalised and clipped as the spec says."""
         n = len(self.reward)
         shares = split(list(range(len(rollout["texts"]))), n)
-        args = [([rollout["prompts"][i] for i in s], [rollout["texts"][i] for i in s], 1) for s in shares]
+        args = [([rollout["prompts"][i] for i in s], [rollout["texts"][i] for i in s], 1, step) for s in shares]
         outs = self.reward.call("score", args, what=f" at step {step}")
         raw = [v for o in outs for v in o["total"]]
         parts: dict[str, list[float]] = {}

@@ -4,12 +4,16 @@
 so the metrics show what moved."""
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import importlib.util
 import json
 import math
+import os
 import pathlib
+import time
 import types
+import urllib.error
 import urllib.request
 from typing import Callable
 
@@ -54,9 +58,31 @@ def shipped(section: RlhfRewardSection) -> tuple[RlhfRewardSection, dict[str, st
     return section, sources
 
 
+def auth_header(section: RlhfRewardSection) -> str | None:
+    """The Authorization header for reward.url: the value of the environment variable that
+    reward.url_auth_env names, read where the driver runs (an unset one fails before any cluster work)."""
+    if not section.url_auth_env:
+        return None
+    value = os.environ.get(section.url_auth_env)
+    if not value:
+        raise ValueError(f"reward.url_auth_env: the environment variable {section.url_auth_env} is not set")
+    return value
+
+
+class RewardSourceFailed(RuntimeError):
+    """A reward source still failing after its retries: names the source, the step and the cause."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect refused ({code})", headers, fp)
+
+
 class Scorer:
-    def __init__(self, section: RlhfRewardSection, sources: dict[str, str] | None = None, storage_cfg=None):
-        self.section = section
+    def __init__(self, section: RlhfRewardSection, sources: dict[str, str] | None = None, storage_cfg=None,
+                 auth: str | None = None, sleep: Callable[[float], None] = time.sleep):
+        self.section, self.auth, self.sleep = section, auth, sleep
+        self._opener = urllib.request.build_opener(_NoRedirect)
         self.functions = [(f, load_function(f.path, (sources or {}).get(f.path))) for f in section.functions]
         self.model = self.tokenizer = None
         if section.model:
@@ -70,32 +96,65 @@ class Scorer:
             if self.model.config.pad_token_id is None:  # the score is read at the last real token
                 self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
-    def score(self, prompts: list[str], completions: list[str]) -> dict:
+    def score(self, prompts: list[str], completions: list[str], step: int | None = None) -> dict:
         """{"total": [float], "parts": {source: [float]}} for the completions (one prompt each)."""
         parts: dict[str, list[float]] = {}
         total = [0.0] * len(completions)
         for f, fn in self.functions:
-            if f.call == "text":
-                values = [float(fn(c)) for c in completions]
-            else:
-                values = [float(v) for v in fn(prompts=prompts, completions=completions)]
-            if len(values) != len(completions):
-                raise ValueError(f"reward function {f.path} returned {len(values)} scores for {len(completions)} "
-                                 "completions")
+            values = self._tried(f"reward function {f.path}", step, self.section.timeout_s,
+                                 lambda f=f, fn=fn: self._function(f, fn, prompts, completions))
             parts[f.path.rpartition(":")[2]] = values
             total = [t + f.weight * v for t, v in zip(total, values)]
         if self.model is not None:
-            values = self._model_scores(prompts, completions)
+            values = self._tried(f"reward model {self.section.model}", step, None,
+                                 lambda: self._model_scores(prompts, completions))
             parts["reward_model"] = values
             total = [t + self.section.model_weight * v for t, v in zip(total, values)]
         if self.section.url:
-            values = self._remote(prompts, completions)
+            values = self._tried("reward.url", step, self.section.url_timeout_s, lambda: self._remote(prompts, completions))
             parts["remote"] = values
             total = [t + self.section.url_weight * v for t, v in zip(total, values)]
         bad = [i for i, v in enumerate(total) if not math.isfinite(v)]
         if bad:
             raise ValueError(f"reward: completion {bad[0]} scored {total[bad[0]]} (not a finite number)")
         return {"total": total, "parts": parts}
+
+    def _tried(self, source: str, step: int | None, timeout_s: float | None, fn: Callable[[], list[float]]) -> list[float]:
+        """fn's result; an exception or a call past `timeout_s` is tried again `reward.retries`
+        times, after reward.retry_backoff_s, then twice that, ..."""
+        tries = 1 + self.section.retries
+        where = f" at step {step}" if step is not None else ""
+        for attempt in range(tries):
+            try:
+                if timeout_s is None:
+                    return fn()
+                pool = concurrent.futures.ThreadPoolExecutor(1)
+                try:  # a call past its deadline is left to end in its thread; its result is dropped
+                    return pool.submit(fn).result(timeout=timeout_s)
+                except concurrent.futures.TimeoutError:
+                    raise TimeoutError(f"no answer within {timeout_s:g} s") from None
+                finally:
+                    pool.shutdown(wait=False)
+            except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
+                if attempt + 1 == tries:
+                    raise RewardSourceFailed(f"{source} failed{where}, {tries} time(s) in a row; the last: "
+                                             f"{type(exc).__name__}: {exc}") from exc
+                wait = self.section.retry_backoff_s * 2 ** attempt
+                print(f"[rlhf] {source} failed{where} ({type(exc).__name__}: {exc}); trying again in {wait:g} s",
+                      flush=True)
+                self.sleep(wait)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _function(f, fn, prompts: list[str], completions: list[str]) -> list[float]:
+        if f.call == "text":
+            values = [float(fn(c)) for c in completions]
+        else:
+            values = [float(v) for v in fn(prompts=prompts, completions=completions)]
+        if len(values) != len(completions):
+            raise ValueError(f"reward function {f.path} returned {len(values)} scores for {len(completions)} "
+                             "completions")
+        return values
 
     def _model_scores(self, prompts: list[str], completions: list[str]) -> list[float]:
         import torch
@@ -106,10 +165,17 @@ class Scorer:
             return self.model(**enc).logits[:, 0].float().tolist()
 
     def _remote(self, prompts: list[str], completions: list[str]) -> list[float]:
+        """One POST, redirects refused, the answer read up to reward.url_max_bytes (the whole call's
+        deadline, url_timeout_s, is kept by `_tried`)."""
+        section = self.section
         body = json.dumps({"prompts": prompts, "completions": completions}).encode()
-        request = urllib.request.Request(self.section.url, data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=self.section.url_timeout_s) as response:
-            values = json.loads(response.read())["rewards"]
+        headers = {"Content-Type": "application/json", **({"Authorization": self.auth} if self.auth else {})}
+        request = urllib.request.Request(section.url, data=body, headers=headers)
+        with self._opener.open(request, timeout=section.url_timeout_s) as response:
+            answer = response.read(section.url_max_bytes + 1)
+        if len(answer) > section.url_max_bytes:
+            raise ValueError(f"reward.url: the answer is longer than url_max_bytes = {section.url_max_bytes}")
+        values = json.loads(answer)["rewards"]
         if len(values) != len(completions):
             raise ValueError(f"reward.url returned {len(values)} rewards for {len(completions)} completions")
         return [float(v) for v in values]

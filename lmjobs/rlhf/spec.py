@@ -53,15 +53,42 @@ class RlhfRewardSection(Section):
     functions: list[RewardFunction] = []
     model: str | None = None
     model_weight: float = 1.0
-    # POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]}
+    # POST {"prompts": [...], "completions": [...]} -> {"rewards": [...]}; redirects are not followed
     url: str | None = Field(None, pattern=r"^https?://")
     url_weight: float = 1.0
-    url_timeout_s: float = Field(30.0, gt=0)
+    url_timeout_s: float = Field(30.0, gt=0)  # the whole request, connect to last byte
+    url_max_bytes: int = Field(16 << 20, ge=1)  # a longer response is an error, not read on
+    # the name of an environment variable of the driver whose value is sent as the Authorization
+    # header (e.g. "Bearer ..."); the value goes to the reward actors in memory, never to files or logs
+    url_auth_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # a source (each function, the model, the URL) that raises or times out is tried again this
+    # many times, after retry_backoff_s, then twice that, ...; then the step fails naming it
+    retries: int = Field(2, ge=0)
+    retry_backoff_s: float = Field(1.0, ge=0)
+    timeout_s: float | None = Field(None, gt=0)  # a reward function's deadline per call (None: none)
     normalize: bool = False  # running mean/std of the scores (PPO)
     clip: float | None = Field(None, gt=0)  # scores clipped to [-clip, clip] (after normalising)
     num_actors: int = Field(1, ge=1)
     cpus: float = Field(0.25, gt=0)
     max_restarts: int = Field(3, ge=0)
+
+    @pydantic.field_validator("url", mode="before")
+    @classmethod
+    def _no_credentials(cls, url):
+        # before the pattern check, whose message would quote the URL: resolved configs are saved
+        # with every run, so a user:password@ here would end up in run directories
+        if isinstance(url, str) and "@" in url.partition("://")[2].partition("/")[0]:
+            raise ValueError("must not carry credentials (user:password@): give the address only and put "
+                             "the token in an environment variable named by reward.url_auth_env")
+        if isinstance(url, str):
+            from urllib.parse import parse_qsl, urlsplit
+
+            secret = [k for k, _ in parse_qsl(urlsplit(url).query)
+                      if any(w in k.lower() for w in ("token", "key", "secret", "password", "auth"))]
+            if secret:
+                raise ValueError(f"must not carry credentials (query parameter {secret[0]!r}): put the token in an "
+                                 "environment variable named by reward.url_auth_env")
+        return url
 
     @pydantic.model_validator(mode="after")
     def _something_scores(self):
