@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from lmjobs import preference
 from lmjobs.rlhf import losses
 
 
@@ -70,9 +71,9 @@ def test_kl_controllers_and_preference_losses_by_hand():
     fixed = losses.FixedKL(0.05)
     fixed.update(100.0, 10)
     assert fixed.coef == 0.05
-    loss, stats = losses.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0]))
+    loss, stats = preference.bradley_terry_loss(torch.tensor([2.0]), torch.tensor([1.0]))
     assert float(loss) == pytest.approx(math.log(1 + math.exp(-1))) and stats["accuracy"] == 1.0
-    loss, stats = losses.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
+    loss, stats = preference.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]),
                                   torch.tensor([-1.5]), beta=0.1)
     assert float(loss) == pytest.approx(math.log(1 + math.exp(-0.1)))
     assert stats["reward_margin"] == pytest.approx(0.1) and stats["chosen_reward"] == pytest.approx(0.05)

@@ -368,7 +368,7 @@ class Preference(FinetuneTask):
         return engine(input_ids=ids, attention_mask=mask)
 
     def loss(self, outputs, inputs):
-        from lmjobs.rlhf.losses import bradley_terry_loss
+        from lmjobs.preference import bradley_terry_loss
 
         scores = outputs.logits.float().squeeze(-1)
         n = inputs["input_ids"].shape[0]
@@ -432,7 +432,7 @@ class DPO(FinetuneTask):
         return {"policy": self._pair(engine, inputs), "reference": reference}
 
     def loss(self, outputs, inputs):
-        from lmjobs.rlhf.losses import dpo_loss
+        from lmjobs.preference import dpo_loss
 
         n = inputs["input_ids"].shape[0]
         policy, reference = outputs["policy"], outputs["reference"]
@@ -446,7 +446,7 @@ class DPO(FinetuneTask):
         return f"loss {metrics_['loss']:.4f}{held}"
 
     def scores(self, strategy, val):
-        from lmjobs.rlhf.losses import dpo_loss
+        from lmjobs.preference import dpo_loss
 
         def forward(inputs):
             module = strategy.engine.module

@@ -1,5 +1,6 @@
 """RLHF numerics in plain torch: advantages, PPO losses, KL estimators and controllers, group
-baselines (GRPO / RLOO), preference losses (Bradley-Terry, DPO).  No Ray, no DeepSpeed.
+baselines (GRPO / RLOO).  No Ray, no DeepSpeed.  The preference losses (Bradley-Terry, DPO) are in
+lmjobs.preference, shared with fine-tuning.
 
 Shapes: `[batch, T]` per-token tensors over the response tokens, with `mask` 1 on real tokens and
 0 on padding; per-sequence tensors are `[batch]`.
@@ -148,27 +149,6 @@ class AdaptiveKL(FixedKL):
     def update(self, kl: float, num_steps: int) -> None:
         error = max(-0.2, min(0.2, kl / self.target - 1))
         self.coef *= 1 + error * num_steps / self.horizon
-
-
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Reward-model loss on preference pairs: -log sigmoid(r_chosen - r_rejected)."""
-    margin = chosen - rejected
-    seen = margin.detach()
-    return -F.logsigmoid(margin).mean(), {"accuracy": float((seen > 0).float().mean()), "margin": float(seen.mean())}
-
-
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float = 0.1) -> tuple[torch.Tensor, dict]:
-    """DPO on sequence log-probabilities ([batch] each): -log sigmoid(beta * (policy margin -
-    reference margin)); the implicit rewards are beta * (policy - reference) log-prob."""
-    chosen_reward = beta * (policy_chosen - ref_chosen)
-    rejected_reward = beta * (policy_rejected - ref_rejected)
-    margin = chosen_reward - rejected_reward
-    seen = margin.detach()
-    return -F.logsigmoid(margin).mean(), {"reward_margin": float(seen.mean()),
-                                          "reward_accuracy": float((seen > 0).float().mean()),
-                                          "chosen_reward": float(chosen_reward.detach().mean()),
-                                          "rejected_reward": float(rejected_reward.detach().mean())}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
