@@ -16,6 +16,7 @@ checkpoint within the same run (`train.max_failures`).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import random
@@ -232,7 +233,7 @@ class Controller:
         indices = prompt_indices(step, spec.train.prompts_per_step, len(self.prompts), spec.train.seed,
                                  spec.data.shuffle)
         shares = [s for s in split(indices, len(self.rollout)) if s]
-        threads = spec.threads or max(1, self.cores // len(shares))
+        threads = self.threads(len(shares))
         args = [([self.prompts[j] for j in share], spec.train.group_size, spec.train.seed * 1_000_003 + step * 1009 + i,
                  self.precision, threads) for i, share in enumerate(shares)]
         # fewer shares than workers: only the first ones work this step
@@ -269,96 +270,118 @@ class Controller:
             scores = [max(-c, min(c, v)) for v in scores]
         return scores, {"raw": raw, "parts": parts}
 
-    def step_once(self, step: int) -> dict:
+    def threads(self, busy: int) -> int:
+        """Intra-op threads of each of `busy` processes computing at once: `threads` of the spec, or
+        the roles' cores split among them.  Calls in one process run one after another and share
+        its threads.  Every phase asks here."""
+        return self.spec.threads or max(1, self.cores // max(1, busy))
+
+    def step_once(self, step: int) -> tuple[dict, list[dict]]:
+        """One controller step, phase by phase; returns its metrics line and logged samples."""
+        timings: dict[str, float] = {}
+        t_step = time.perf_counter()
+        with _timed(timings, "generate_s"):
+            rollout = self.generate(step)  # 1
+        with _timed(timings, "score_s"):
+            scores, scored = self.score(rollout, step)  # 2
+        with _timed(timings, "reference_s"):
+            batch, logps = self.reference_old_values(rollout, len(scores))  # 3
+        with _timed(timings, "advantages_s"):
+            train_batch, figures = self.advantages(batch, scores, logps)  # 4
+        with _timed(timings, "train_s"):
+            figures.update(self.update(step, batch, train_batch, logps))  # 5
+        self.step = step
+        timings.update(self.sync())  # 6
+        timings["step_s"] = time.perf_counter() - t_step
+        coef = self.kl.coef
+        self.kl.update(figures.get("kl", 0.0), len(scores))
+        return self.record(step, rollout, scores, scored, batch, figures, coef, timings)  # 7
+
+    def reference_old_values(self, rollout: dict, completions: int) -> tuple[dict, dict]:
+        """Phase 3: the batch of sequences, and at once in their processes the reference's
+        log-probs (for the KL), the policy's own before its update (PPO, several passes or
+        minibatches) and the critic's values (PPO)."""
         import ray
+
+        from lmjobs.rlhf.sequences import collate
+
+        spec = self.spec
+        batch = collate(rollout["prompt_ids"], rollout["completion_ids"], 0)  # pad: masked out everywhere
+        batch_ref = ray.put(batch)
+        needs_old = spec.algorithm == "ppo" or spec.ppo.epochs > 1 or (spec.ppo.minibatch_size or 10**9) < completions
+        calls = [name for name, wanted in (("reference", self.kl.coef > 0), ("old", needs_old),
+                                           ("values", self.critic is not None)) if wanted]
+        processes = len({"policy" if c == "old" or (c == "reference" and spec.reference.colocate) else c for c in calls})
+        share = self.threads(processes)
+        refs = {}
+        if "reference" in calls:
+            refs["ref"] = (self.policy.async_call("reference_logprobs", [(batch_ref, share)])[0] if spec.reference.colocate
+                           else self.reference.async_call("logprobs", [(batch_ref, self.precision, share)])[0])
+        if needs_old:
+            refs["old"] = self.policy.async_call("logprobs", [(batch_ref, share)])[0]
+        if self.critic is not None:
+            refs["values"] = self.critic.async_call("values", [(batch_ref, share)])[0]
+        got = dict(zip(refs, ray.get(list(refs.values()))))
+        return batch, {"ref": got.get("ref"), "old": got.get("old"), "values": got.get("values")}
+
+    def advantages(self, batch: dict, scores: list[float], logps: dict) -> tuple[dict, dict]:
+        """Phase 4: per-token advantages (GRPO / RLOO: the group baseline; PPO: GAE over the
+        shaped per-token rewards and the critic's values, its returns added to `logps` for the
+        critic's update) and the batch the policy's update trains on."""
         import torch
 
         from lmjobs.rlhf import losses
-        from lmjobs.rlhf.sequences import collate
 
-        spec, timings = self.spec, {}
-        t_step = t = time.perf_counter()
-        rollout = self.generate(step)
-        timings["generate_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        scores, scored = self.score(rollout, step)
-        timings["score_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        pad = 0  # masked out everywhere; any id will do
-        batch = collate(rollout["prompt_ids"], rollout["completion_ids"], pad)
-        batch_ref = ray.put(batch)
-        coef = self.kl.coef
-        needs_old = spec.algorithm == "ppo" or spec.ppo.epochs > 1 or (spec.ppo.minibatch_size or 10**9) < len(scores)
-        calls = [name for name, wanted in (("reference", coef > 0), ("old", needs_old), ("values", self.critic is not None))
-                 if wanted]
-        # calls in one process run one after another: they share its threads; other processes split the cores
-        processes = len({"policy" if c == "old" or (c == "reference" and spec.reference.colocate) else c for c in calls})
-        share = spec.threads or max(1, self.cores // max(1, processes))
-        half = max(1, self.cores // 2)
-        ref_ref = old_ref = values_ref = None
-        if coef > 0:
-            ref_ref = (self.policy.async_call("reference_logprobs", [(batch_ref, share)])[0] if spec.reference.colocate
-                       else self.reference.async_call("logprobs", [(batch_ref, self.precision, share)])[0])
-        if needs_old:
-            old_ref = self.policy.async_call("logprobs", [(batch_ref, share)])[0]
-        if self.critic is not None:
-            values_ref = self.critic.async_call("values", [(batch_ref, share)])[0]
-        ref_logp = ray.get(ref_ref) if ref_ref is not None else None
-        old_logp = ray.get(old_ref) if old_ref is not None else None
-        values = ray.get(values_ref) if values_ref is not None else None
-        timings["reference_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        mask = batch["completion_mask"]
+        spec, mask = self.spec, batch["completion_mask"]
+        ref_logp, old_logp, values = logps["ref"], logps["old"], logps["values"]
         score_t = torch.tensor(scores, dtype=torch.float32)
         figures: dict = {}
         if spec.algorithm in ("grpo", "rloo"):
             adv = losses.group_advantages(score_t, spec.train.group_size, spec.algorithm)
             advantages = adv[:, None].expand_as(mask) * mask
         else:
-            shaping = coef if spec.kl_where == "reward" and ref_logp is not None else 0.0
+            shaping = self.kl.coef if spec.kl_where == "reward" and ref_logp is not None else 0.0
             rewards = losses.token_rewards(score_t, mask, old_logp, ref_logp, shaping, spec.kl.estimator)
-            advantages, returns = losses.gae(rewards, values, mask, spec.ppo.gamma, spec.ppo.lam)
+            advantages, logps["returns"] = losses.gae(rewards, values, mask, spec.ppo.gamma, spec.ppo.lam)
             if spec.ppo.whiten_advantages:
                 advantages = losses.whiten(advantages, mask)
-            figures["explained_variance"] = losses.explained_variance(values, returns, mask)
+            figures["explained_variance"] = losses.explained_variance(values, logps["returns"], mask)
             figures["value_mean"] = float(losses.masked_mean(values, mask))
         train_batch = {**batch, "advantages": advantages}
         if old_logp is not None:
             train_batch["old_logprobs"] = old_logp
         if ref_logp is not None:
             train_batch["ref_logprobs"] = ref_logp
-            base = old_logp if old_logp is not None else None
-            if base is not None:
-                figures["kl"] = float(losses.masked_mean(losses.kl_penalty(base, ref_logp, spec.kl.estimator), mask))
-        timings["advantages_s"] = time.perf_counter() - t
+            if old_logp is not None:
+                figures["kl"] = float(losses.masked_mean(losses.kl_penalty(old_logp, ref_logp, spec.kl.estimator), mask))
+        return train_batch, figures
 
-        t = time.perf_counter()
-        train_ref = ray.put(train_batch)
-        policy_threads = self.cores if self.critic is None else half
-        refs = self.policy.async_call("train", [(train_ref, step, coef, policy_threads)])
+    def update(self, step: int, batch: dict, train_batch: dict, logps: dict) -> dict:
+        """Phase 5: the policy's update (and the critic's, beside it in its own process)."""
+        import ray
+
+        busy = 1 if self.critic is None else 2
+        refs = self.policy.async_call("train", [(ray.put(train_batch), step, self.kl.coef, self.threads(busy))])
         if self.critic is not None:
-            critic_batch = {**batch, "old_values": values, "returns": returns}
-            refs += self.critic.async_call("train", [(ray.put(critic_batch), step, half)])
-        results = ray.get(refs)
-        figures.update(results[0])
-        if len(results) > 1:
-            figures.update(results[1])
+            critic_batch = {**batch, "old_values": logps["values"], "returns": logps["returns"]}
+            refs += self.critic.async_call("train", [(ray.put(critic_batch), step, self.threads(busy))])
+        figures: dict = {}
+        for result in ray.get(refs):
+            figures.update(result)
         if "kl" not in figures and "kl_loss" in figures:
             figures["kl"] = figures["kl_loss"]  # GRPO: measured in the update, before it moved the policy
-        timings["train_s"] = time.perf_counter() - t
+        return figures
 
-        self.step = step
-        timings.update(self.sync())
-        timings["step_s"] = time.perf_counter() - t_step
-        self.kl.update(figures.get("kl", 0.0), len(scores))
+    def record(self, step: int, rollout: dict, scores: list[float], scored: dict, batch: dict, figures: dict,
+               coef: float, timings: dict) -> tuple[dict, list[dict]]:
+        """Phase 7: the step's metrics line and the samples it logs."""
+        import torch
 
-        lengths = mask.sum(1)
+        spec = self.spec
+        lengths = batch["completion_mask"].sum(1)
         raw = torch.tensor(scored["raw"])
         out = {"step": step, "reward_mean": float(raw.mean()), "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
-               "score_mean": float(score_t.mean()),
+               "score_mean": float(torch.tensor(scores, dtype=torch.float32).mean()),
                **{f"reward_{k}": sum(v) / len(v) for k, v in scored["parts"].items()},
                "kl_coef": coef, **figures, "response_length": float(lengths.float().mean()),
                "completions": len(scores), "tokens": int(lengths.sum()),
@@ -405,6 +428,15 @@ class Controller:
         for name in complete[:-self.spec.train.keep_checkpoints] + [n for n in names if n not in complete]:
             storage.delete(storage.join(root, name), self.cfg)
         return final
+
+
+@contextlib.contextmanager
+def _timed(timings: dict, key: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = time.perf_counter() - t
 
 
 def _history(uri: str, upto: int, cfg=None) -> list[dict]:
