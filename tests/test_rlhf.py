@@ -181,6 +181,9 @@ def test_ppo_learns_and_a_killed_driver_resumes_from_its_checkpoint(ray_cluster,
     assert last_q > first_q + 0.1, (first_q, last_q)
     assert all(m["kl"] < 1.0 for m in rows)
     assert all(key in rows[-1] for key in ("value_loss", "explained_variance", "clipfrac", "entropy", "sync_s"))
+    # the critic's warm-up: steps 1-2 trained the critic only, the policy from step 3
+    assert [m["critic_warmup"] for m in rows[:3]] == [True, True, False]
+    assert "value_loss" in rows[0] and "clipfrac" not in rows[0] and "clipfrac" in rows[2]
     files = storage.list_files(run_dir, cfg)
     assert "policy/model.safetensors" in files and "curves.png" in files and "summary.json" in files
     kept = sorted({f.split("/")[1] for f in files if f.startswith("checkpoints/")})

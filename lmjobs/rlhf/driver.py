@@ -357,15 +357,18 @@ class Controller:
         return train_batch, figures
 
     def update(self, step: int, batch: dict, train_batch: dict, logps: dict) -> dict:
-        """Phase 5: the policy's update (and the critic's, beside it in its own process)."""
+        """Phase 5: the policy's update (and the critic's, beside it in its own process).  PPO's
+        first `ppo.critic_warmup_steps` steps update the critic only."""
         import ray
 
-        busy = 1 if self.critic is None else 2
-        refs = self.policy.async_call("train", [(ray.put(train_batch), step, self.kl.coef, self.threads(busy))])
+        warmup = self.critic is not None and step <= self.spec.ppo.critic_warmup_steps
+        busy = (0 if warmup else 1) + (self.critic is not None)
+        refs = [] if warmup else self.policy.async_call("train", [(ray.put(train_batch), step, self.kl.coef,
+                                                                   self.threads(busy))])
         if self.critic is not None:
             critic_batch = {**batch, "old_values": logps["values"], "returns": logps["returns"]}
             refs += self.critic.async_call("train", [(ray.put(critic_batch), step, self.threads(busy))])
-        figures: dict = {}
+        figures: dict = {"critic_warmup": warmup} if self.critic is not None else {}
         for result in ray.get(refs):
             figures.update(result)
         if "kl" not in figures and "kl_loss" in figures:

@@ -146,6 +146,9 @@ class PpoSection(Section):
     whiten_advantages: bool = True
     epochs: int = Field(1, ge=1)  # passes over each step's completions
     minibatch_size: int | None = Field(None, ge=1)  # completions a gradient step; None: all of them
+    # the first N steps train the critic only (the policy samples but is not updated), so that the
+    # values the first policy updates see explain some of the returns instead of being noise
+    critic_warmup_steps: int = Field(2, ge=0)
 
 
 class RlhfTrainSection(Section):
