@@ -74,13 +74,35 @@ def _logged(path: pathlib.Path, step: int) -> bool:
         return False
 
 
-def _kill_one(address: str, class_name: str) -> int:
+def _alive_pids(address: str, class_name: str) -> list[int]:
     from ray.util.state import list_actors
 
-    alive = list_actors(address=address, filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+    return sorted(a.pid for a in list_actors(address=address, filters=[("class_name", "=", class_name),
+                                                                       ("state", "=", "ALIVE")]))
+
+
+def _kill_one(address: str, class_name: str) -> int:
+    alive = _alive_pids(address, class_name)
     assert alive, f"no live {class_name} to kill"
-    os.kill(alive[0].pid, signal.SIGKILL)
-    return alive[0].pid
+    os.kill(alive[0], signal.SIGKILL)
+    return alive[0]
+
+
+def _kill_and_see_it_restarted(address: str, class_name: str, metrics: pathlib.Path, counter: str) -> int:
+    """SIGKILL one actor of the class after the step logged last; the step after it (or the one
+    after, if the kill fell between its phases) counts the restart, and the class is back at
+    full strength under a new PID.  Returns the step that counted it."""
+    before = _alive_pids(address, class_name)
+    step = history(metrics)[-1]["step"]
+    killed = _kill_one(address, class_name)
+    _wait_for(lambda: _logged(metrics, step + 2), 300, f"two steps after killing a {class_name}")
+    rows = history(metrics)
+    counted = next(m["step"] for m in rows if m[counter] >= 1)
+    assert step < counted <= step + 2, (step, counted)
+    assert all(m[counter] == 0 for m in rows if m["step"] <= step)
+    after = _alive_pids(address, class_name)
+    assert len(after) == len(before) and killed not in after and set(after) != set(before), (before, after)
+    return counted
 
 
 @pytest.mark.ray
@@ -105,9 +127,9 @@ def test_grpo_learns_the_reward_within_kl_and_survives_rollout_reward_and_policy
     worker.start()
     metrics = tmp_path / "runs" / "grpo-tiny" / "metrics.jsonl"
     _wait_for(lambda: _logged(metrics, 3) or not worker.is_alive(), 300, "step 3")
-    killed_rollout = _kill_one(ray_cluster, "RolloutActor")
+    _kill_and_see_it_restarted(ray_cluster, "RolloutActor", metrics, "rollout_restarts")
     _wait_for(lambda: _logged(metrics, 8) or not worker.is_alive(), 300, "step 8")
-    killed_reward = _kill_one(ray_cluster, "RewardActor")
+    _kill_and_see_it_restarted(ray_cluster, "RewardActor", metrics, "reward_restarts")
 
     def restarted_reward_then_checkpoint() -> bool:  # the policy is killed after a checkpoint that follows both
         try:
@@ -126,13 +148,14 @@ def test_grpo_learns_the_reward_within_kl_and_survives_rollout_reward_and_policy
     assert max(m["rollout_restarts"] for m in rows) >= 1 and max(m["reward_restarts"] for m in rows) >= 1
     resumed = outcome["start_step"]  # the policy's loss restarted every role from a checkpoint
     assert resumed >= 4 and resumed % 4 == 0 and {m["start_step"] for m in rows if m["step"] > resumed} == {resumed}
-    from ray.util.state import list_actors
-
-    assert killed_rollout not in [a.pid for a in list_actors(address=ray_cluster, filters=[("state", "=", "ALIVE")])]
-    assert killed_reward > 0
     first, last = quarter_means(rows)
     assert first < 0.15 and last > first + 0.15, (first, last)
     assert max(m["kl"] for m in rows) < 1.0 and rows[-1]["kl_coef"] != 0.1  # under target; the controller moved
+    # the adaptive coefficient is the controller's formula applied to the logged KLs, step after step
+    # (across the restart too: the checkpoint holds the coefficient after its step's update)
+    for now, nxt in zip(rows, rows[1:]):
+        error = max(-0.2, min(0.2, now["kl"] / 1.0 - 1))
+        assert nxt["kl_coef"] == pytest.approx(now["kl_coef"] * (1 + error * now["completions"] / 16), rel=1e-9), now
     # the exported policy loads with plain transformers and the curves are drawn
     import transformers
 
@@ -188,6 +211,20 @@ def test_ppo_learns_and_a_killed_driver_resumes_from_its_checkpoint(ray_cluster,
     assert "policy/model.safetensors" in files and "curves.png" in files and "summary.json" in files
     kept = sorted({f.split("/")[1] for f in files if f.startswith("checkpoints/")})
     assert kept == ["step_000020", "step_000024"], kept  # keep_checkpoints 2, nothing incomplete left
+    # the same run without the kill: the resumed one took the same steps, figure for figure
+    straight = write_spec(tmp_path, tiny_gpt2, "ppo", train__steps=24, ppo__epochs=2, ppo__minibatch_size=8,
+                          kl={"coef": 0.05, "target": 1.0}, optim={"lr": 3e-3},
+                          policy={"model": f"{bucket}/models/tiny-gpt2", "cpus": 0.25},
+                          data={"prompts": f"{bucket}/prompts.txt"},
+                          output={"root": f"{bucket}/runs-straight", "storage": cfg.model_dump(mode="json")})
+    done = subprocess.run([sys.executable, "-m", "lmjobs.cli", "rlhf", str(straight), "--address", ray_cluster],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reference = storage.read_jsonl(f"{bucket}/runs-straight/ppo-tiny/metrics.jsonl", cfg)
+    for key in ("reward_mean", "kl", "kl_coef", "value_loss", "policy_loss", "response_length"):
+        assert [key in m for m in rows] == [key in m for m in reference], key
+        got = [m[key] for m in rows if key in m]
+        assert got == pytest.approx([m[key] for m in reference if key in m], rel=1e-5, abs=1e-7), key
 
 
 @pytest.mark.ray
@@ -208,6 +245,45 @@ def test_lora_policy_syncs_only_its_adapters_and_exports_merged(ray_cluster, tin
 
     names = safetensors.torch.load_file(str(pathlib.Path(out["policy"]) / "model.safetensors")).keys()
     assert not [n for n in names if "lora" in n]
+
+
+@pytest.mark.ray
+def test_lora_sync_gives_the_rollout_the_policys_tensors_and_the_export_its_logits(ray_cluster, tiny_gpt2, tmp_path):
+    """Step by step through the controller: after each sync the rollout worker holds exactly the
+    policy's trainable tensors; the merged export gives the adapter model's logits, which differ
+    from the base model's (the adapters learned something)."""
+    import ray
+    import torch
+    import transformers
+
+    from lmjobs.rlhf.driver import Controller
+
+    spec = load_spec(write_spec(tmp_path, tiny_gpt2, "grpo", name="lora-steps", train__steps=2, rollout__num_workers=1,
+                                reference__colocate=True, optim={"lr": 2e-2},
+                                policy={"model": tiny_gpt2, "cpus": 0.25,
+                                        "lora": {"r": 4, "target_modules": ["c_attn"]}}), KINDS)
+    controller = Controller(spec, progress=lambda *_: None)
+    controller.start()
+    try:
+        for step in (1, 2):
+            controller.step_once(step)  # ends with the weight sync
+            sent = controller.policy.call("trainable_state", [()])[0]
+            assert sent and all("lora" in name for name in sent), list(sent)[:4]
+            held = ray.get(controller.rollout.actors[0].tensors.remote(list(sent)))
+            assert all(torch.equal(held[n], sent[n]) for n in sent)
+        assert any(float(t.abs().max()) > 0 for n, t in sent.items() if "lora_B" in n)  # B starts at zero
+        ids = torch.tensor([[5, 17, 42, 8, 64, 3, 29, 11]])
+        adapter_logits = controller.policy.call("logits", [(ids,)])[0]
+        export = tmp_path / "lora-export"
+        controller.policy.call("export", [(str(export),)])
+    finally:
+        controller.stop()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    with torch.no_grad():
+        merged_logits, base_logits = merged(input_ids=ids).logits, base(input_ids=ids).logits
+    assert torch.allclose(merged_logits, adapter_logits, atol=1e-5), (merged_logits - adapter_logits).abs().max()
+    assert (merged_logits - base_logits).abs().max() > 1e-3
 
 
 @pytest.mark.ray

@@ -274,6 +274,23 @@ class PolicyActor(_Trained):
             total += size
         return buckets, total
 
+    def trainable_state(self) -> dict:
+        """The tensors weight sync sends, by name (for checks: what a rollout worker must hold)."""
+        with self.strategy.gathered_module() as module:
+            return {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
+
+    def logits(self, ids):
+        """The policy's logits for token ids [B, T], as it is now (LoRA adapters applied, not merged)."""
+        import torch
+
+        with torch.no_grad(), self.strategy.gathered_module() as module:
+            was = module.training
+            module.eval()
+            try:
+                return module(input_ids=ids).logits.float()
+            finally:
+                module.train(was)
+
     def export(self, uri: str) -> str:
         """The policy as a Hugging Face directory (LoRA merged), with its tokenizer, at `uri`."""
         from cluster import storage
@@ -371,6 +388,11 @@ class RolloutActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def tensors(self, names: list[str]) -> dict:
+        """This worker's tensors of those names (for checks after a weight sync)."""
+        state = self.model.state_dict()
+        return {n: state[n].detach().clone() for n in names}
 
     def load_weights(self, buckets: list, version: int) -> int:
         """Copy the policy's tensors in; returns this worker's weight version."""
