@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 import time
 
@@ -29,11 +30,11 @@ def _load(args, kind: str | None):
 def check_paths(spec, spec_path: str) -> None:
     """Every local path the spec names must exist: `validate` and the job commands answer a missing
     one alike (exit 2, every missing field named) before any cluster work."""
-    from lmjobs.kinds import missing_paths
+    from lmjobs.kinds import problems
 
-    missing = missing_paths(spec)
-    if missing:
-        raise SpecError(spec_path, [f"{field}: {path} does not exist" for field, path in missing])
+    found = problems(spec)
+    if found:
+        raise SpecError(spec_path, found)
 
 
 def cmd_validate(args) -> int:
@@ -50,6 +51,8 @@ def cmd_kind(args) -> int:
     spec = _load(args, args.kind)
     check_paths(spec, args.spec)
     out = kinds.run(spec)
+    if getattr(args, "result_json", None):  # a pipeline's stage: its result, for the later stages
+        pathlib.Path(args.result_json).write_text(json.dumps(out, default=str))
     for line in kinds.summary(spec, out):
         print(line)
     return 0
@@ -240,6 +243,7 @@ def _add_kind_commands(sub, groups: dict) -> None:
         _add_spec_args(p)
         if kind.address_field:
             p.add_argument("--address", help="Ray cluster to run on (default: RAY_ADDRESS, else an embedded local cluster)")
+        p.add_argument("--result-json", help=argparse.SUPPRESS)  # where a pipeline stage leaves its result
         p.set_defaults(func=cmd_kind, kind=kind.name)
 
 
@@ -330,8 +334,26 @@ def cmd_tune_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_pipeline_status(argv: list[str]) -> int:
+    from lmjobs.pipeline.driver import status
+
+    parser = argparse.ArgumentParser(prog="lmjobs pipeline status",
+                                     description="each stage of a pipeline: state, time, figures, outputs")
+    parser.add_argument("dir", help="the pipeline's directory (ROOT/NAME of its spec; local or s3://)")
+    args = parser.parse_args(argv)
+    for line in status(args.dir):
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["pipeline", "status"]:  # beside `lmjobs pipeline PIPELINE.yaml`
+        try:
+            return cmd_pipeline_status(argv[2:])
+        except (RuntimeError, FileNotFoundError, ValueError) as exc:
+            print(f"lmjobs: error: {exc}", file=sys.stderr)
+            return 1
     if argv[:2] == ["tune", "report"]:  # beside `lmjobs tune CAMPAIGN.yaml`, whose argument is a path
         try:
             return cmd_tune_report(argv[2:])

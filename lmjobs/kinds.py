@@ -15,6 +15,7 @@ from cluster import storage
 from cluster.spec import JobSpec, resolved_dict
 from lmjobs.config import DataIngestSpec, DataPrepareSpec, FinetuneSpec, LabelSpec, PretrainSpec, TrainJobSpec
 from lmjobs.evaluate.spec import EvalSpec
+from lmjobs.pipeline.spec import PipelineSpec
 from lmjobs.rlhf.spec import RlhfSpec
 from lmjobs.runner import Prepared, resolve
 from lmjobs.tune.spec import TuneSpec
@@ -30,6 +31,8 @@ class JobKind:
     summary: str  # "module:function", result dict -> console lines (the closing summary)
     address_field: str = "scaling.address"  # where `--address` goes in the spec
     prepare: str | None = None  # training kinds: "module:function", spec -> lmjobs.runner.Prepared (names its task)
+    # "module:function", spec -> [problem]: the kind's checks before any cluster work (default: missing_paths)
+    check: str | None = None
 
 
 REGISTRY: dict[str, JobKind] = {}
@@ -49,7 +52,19 @@ def run(spec: JobSpec) -> dict:
 
 
 def summary(spec: JobSpec, out: dict) -> list[str]:
-    return resolve(REGISTRY[spec.kind].summary)(out)
+    return summary_lines(spec.kind, out)
+
+
+def summary_lines(kind: str, out: dict) -> list[str]:
+    return resolve(REGISTRY[kind].summary)(out)
+
+
+def problems(spec: JobSpec) -> list[str]:
+    """What `validate` and every job command refuse before any cluster work, each naming its field."""
+    check = REGISTRY[spec.kind].check
+    if check:
+        return resolve(check)(spec)
+    return [f"{field}: {path} does not exist" for field, path in missing_paths(spec)]
 
 
 def prepare(spec: TrainJobSpec) -> Prepared:
@@ -89,6 +104,11 @@ register(JobKind("data_prepare", DataPrepareSpec, ("data", "prepare"),
 register(JobKind("data_ingest", DataIngestSpec, ("data", "ingest"),
                  "labelled files -> canonical parquet per split (kind: data_ingest)",
                  run="data_pipelines.labelled:ingest", summary="lmjobs.cli:ingest_summary", address_field=""))
+register(JobKind("pipeline", PipelineSpec, ("pipeline",),
+                 "job specs chained as stages, each a Ray job on one cluster, later stages naming earlier outputs "
+                 "({stages.NAME.OUTPUT}); re-running skips finished stages; `lmjobs pipeline status DIR` shows them",
+                 run="lmjobs.pipeline.driver:run", summary="lmjobs.pipeline.driver:summary", address_field="address",
+                 check="lmjobs.pipeline.driver:problems"))
 
 
 # -- checks before any cluster work ---------------------------------------------------------------
