@@ -189,3 +189,52 @@ output: {{root: {tmp_path}/runs}}
     for figures in shots.values():
         assert figures["n"] == 10 and figures["ci95"][0] <= figures["accuracy"] <= figures["ci95"][1]
         assert figures["ci95"][1] - figures["ci95"][0] > 0.1  # 10 examples: a wide interval, stated
+
+
+def test_judge_scores_each_candidate_against_the_baseline_with_the_reward_model(ray_cluster, tiny_gpt2, tmp_path):
+    """The reward-model judge: the baseline against itself ties on every prompt (win rate 0.5, KL
+    exactly 0); another policy's KL is positive, its win rate inside its interval, and every figure
+    is recomputed here from the side-by-side rewards and the models themselves."""
+    import torch
+    import transformers
+
+    from lmjobs.evaluate.judge import outcomes, wilson
+
+    torch.manual_seed(1)
+    other = tmp_path / "other"
+    config = transformers.AutoConfig.from_pretrained(tiny_gpt2)
+    transformers.GPT2LMHeadModel(config).save_pretrained(other)  # another random policy, same tokenizer
+    transformers.AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(other)
+    reward_model = tmp_path / "rm"
+    torch.manual_seed(2)
+    transformers.GPT2ForSequenceClassification(transformers.AutoConfig.from_pretrained(
+        tiny_gpt2, num_labels=1)).save_pretrained(reward_model)
+    transformers.AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(reward_model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"question {i}: what next?" for i in range(14)) + "\n")
+    body = {"kind": "eval", "name": "judged",
+            "models": [{"name": "sft", "path": tiny_gpt2}, {"name": "same", "path": tiny_gpt2},
+                       {"name": "other", "path": str(other)}],
+            "judge": {"reward_model": str(reward_model), "baseline": "sft", "prompts": str(prompts),
+                      "skip_prompts": 2, "max_prompts": 10, "max_new_tokens": 6, "show": 3},
+            "compute": {"threads_per_actor": 1}, "output": {"root": str(tmp_path / "runs")}}
+    (tmp_path / "judge.yaml").write_text(json.dumps(body))
+    out = run(load_spec(tmp_path / "judge.yaml", KINDS), progress=lambda *_: None)
+    judged = out["judge"]
+    same, diff = judged["candidates"]["same"], judged["candidates"]["other"]
+    assert same["n"] == 10 and same["ties"] == 10 and same["win_rate"] == 0.5 and same["kl_per_token"] == 0.0
+    assert diff["kl_per_token"] > 0.01 and diff["ci95"][0] <= diff["win_rate"] <= diff["ci95"][1]
+    side = judged["side_by_side"]
+    assert [row["prompt"] for row in side] == [f"question {i}: what next?" for i in (2, 3, 4)]
+    assert all(row["same"] == row["sft"] for row in side)  # same seeds, same weights: same completions
+    # the rewards are the reward model's, under its training encoding (lmjobs.rlhf.rewards.Scorer)
+    from lmjobs.rlhf.rewards import Scorer
+    from lmjobs.rlhf.spec import RlhfRewardSection
+
+    direct = Scorer(RlhfRewardSection(model=str(reward_model))).score(
+        [row["prompt"] for row in side], [row["other"]["text"] for row in side])["parts"]["reward_model"]
+    assert direct == pytest.approx([row["other"]["reward"] for row in side], abs=1e-5)
+    lo, hi = wilson(diff["wins"] + 0.5 * diff["ties"], diff["n"])
+    assert diff["ci95"] == pytest.approx([lo, hi]) and outcomes([1.0, 0.5], [0.5, 0.5]) == [1.0, 0.5]
+    md = pathlib.Path(out["report_md"]).read_text()
+    assert "## Reward-model judge" in md and "| other |" in md

@@ -358,8 +358,8 @@ def run(spec: EvalSpec, progress=print) -> dict:
     models = resolve_models(spec)
     causal = [m for m in models if m.head == CAUSAL]
     heads = [m for m in models if m.head != CAUSAL]
-    if (spec.icl or spec.perplexity or spec.samples) and not causal:
-        raise SpecError("models", [f"icl, perplexity and samples need a causal LM; these are heads: "
+    if (spec.icl or spec.perplexity or spec.samples or spec.judge) and not causal:
+        raise SpecError("models", [f"icl, perplexity, samples and judge need a causal LM; these are heads: "
                                    f"{', '.join(f'{m.name} ({m.head})' for m in models)}"])
     if spec.task_metrics and not heads:
         raise SpecError("task_metrics", ["needs a fine-tuned head (classification, tokens, QA) among models"])
@@ -411,8 +411,16 @@ def run(spec: EvalSpec, progress=print) -> dict:
         timing[m.name] = round(time.perf_counter() - t, 2)
         results[m.name] = _read_back(requests, outputs, parts, icl_plans, tm_plans)
 
+    judged = None
+    if spec.judge:
+        from lmjobs.evaluate import judge
+
+        t = time.perf_counter()
+        judged = judge.run(spec, {m.name: m for m in causal}, threads, progress)
+        timing["judge"] = round(time.perf_counter() - t, 2)
+
     out = out_dir(spec)
-    record = {"name": spec.name, "models": [dataclasses.asdict(m) for m in models],
+    record = {"name": spec.name, "models": [dataclasses.asdict(m) for m in models], "judge": judged,
               "results": results, "rejects": {p["task"].name: p["rejects"] for p in icl_plans if p["rejects"]},
               "icl_read": {p["task"].name: {"read": p["read"], "rejected": len(p["rejects"])}
                            for p in icl_plans},
@@ -421,7 +429,7 @@ def run(spec: EvalSpec, progress=print) -> dict:
     meta = {"seconds": round(time.perf_counter() - t0, 1), "per_model_s": timing, "cluster": joined.get("address"),
             "threads_per_actor": threads}
     storage.write_text(storage.join(out, "timing.json"), json.dumps(meta, indent=2), spec.output.storage)
-    return {"dir": out, **report, "results": results, "models": [m.name for m in models], **meta}
+    return {"dir": out, **report, "results": results, "models": [m.name for m in models], "judge": judged, **meta}
 
 
 def _read_back(requests: list[dict], outputs: list, parts: dict, icl_plans: list[dict], tm_plans: list[dict]) -> dict:
@@ -478,6 +486,12 @@ def summary(out: dict) -> list[str]:
             lines.append(f"  {model} {task}: {per}")
         for name, f in r["task_metrics"].items():
             lines.append(f"  {model} {name}: {f['metric']} {f[f['metric']]:.4f} (n={f['n']})")
+    judged = out.get("judge") or {}
+    for name, f in judged.get("candidates", {}).items():
+        lines.append(f"  judge: {name} over {judged['baseline']}: win rate {f['win_rate']:.3f} "
+                     f"[{f['ci95'][0]:.3f}, {f['ci95'][1]:.3f}] on {f['n']} prompts, reward {f['reward_mean']:+.3f} vs "
+                     f"{f['baseline_reward_mean']:+.3f}, KL {f['kl_per_token']:.4f}/token to {f['kl_reference']}, "
+                     f"{f['response_tokens']:.1f} tokens")
     lines += [f"  report (markdown)   : {out['report_md']}", f"  report (HTML)       : {out['report_html']}",
               f"  results (JSON)      : {out['results_json']}"]
     lines += [f"  plot                : {p}" for p in out["plots"]]

@@ -7,6 +7,7 @@ import html
 import json
 
 from cluster import storage
+from lmjobs.evaluate.judge import report_md as judge_md
 from lmjobs.plots import _save
 
 
@@ -172,7 +173,7 @@ def write_report(record: dict, out: str, cfg) -> dict:
             paths["plots"].append(made)
     body = [f"# Evaluation: {record['name']}", "",
             "Models: " + ", ".join(f"{m['name']} ({m['path']})" for m in record["models"]), "",
-            *tables(record), *samples_md(record)]
+            *tables(record), *samples_md(record), *judge_md(record.get("judge"))]
     body += [f"![{p.rsplit('/', 1)[-1]}]({p.rsplit('/', 1)[-1]})" for p in paths["plots"]]
     md = "\n".join(body) + "\n"
     storage.write_text(paths["report_md"], md, cfg)

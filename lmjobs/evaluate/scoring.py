@@ -180,7 +180,9 @@ class Scorer:
         torch.manual_seed(item["seed"])
         ids = torch.as_tensor([item["ids"]], device=self.device)
         sample = item["temperature"] > 0
-        kwargs = {"do_sample": True, "temperature": item["temperature"], "top_k": item["top_k"] or None} \
+        # top_k 0 and top_p 1: the full distribution (not the model's generation_config defaults)
+        kwargs = {"do_sample": True, "temperature": item["temperature"], "top_k": item["top_k"],
+                  "top_p": item.get("top_p", 1.0)} \
             if sample else {"do_sample": False}
         gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   max_new_tokens=item["max_new_tokens"], pad_token_id=self._pad_id(), **kwargs)

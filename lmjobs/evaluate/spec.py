@@ -145,6 +145,26 @@ class SamplesSection(Section):
     top_k: int = Field(40, ge=0)
 
 
+class JudgeSection(Section):
+    """A reward model judges each candidate's completion against the baseline's, prompt by prompt
+    (lmjobs.evaluate.judge): win rate with its 95 % interval, rewards, KL per token, lengths."""
+
+    reward_model: str  # a `task: preference` export, scored with its training encoding
+    baseline: str  # a models entry name (e.g. the SFT policy)
+    candidates: list[str] | None = None  # models entry names (default: every other one)
+    kl_reference: str | None = None  # the models entry the KL is measured to (default: the baseline)
+    prompts: str  # .txt (one a line), .jsonl / .parquet with `prompt`, or an ingested dataset (train split)
+    skip_prompts: int = Field(0, ge=0)  # held out: skip the first N (e.g. those the training saw)
+    max_prompts: int = Field(64, ge=1)
+    max_prompt_tokens: int = Field(256, ge=1)  # longer prompts keep their end
+    chat_template: bool = True  # each prompt as a user turn where the tokenizer has a chat template
+    max_new_tokens: int = Field(48, ge=1, le=1024)
+    # sampling from the full distribution (no top-k / top-p): at 1.0 the KL is the policies' own
+    temperature: float = Field(1.0, gt=0)
+    seed: int = 0
+    show: int = Field(8, ge=0)  # prompts shown side by side in the report
+
+
 class ModelEntry(Section):
     """One model: `path` (HF dir, export, checkpoint dir, `pkg:NAME`), or `run` (every
     checkpoint of a training run, compared across steps)."""
@@ -186,15 +206,26 @@ class EvalSpec(JobSpec):
     icl: list[IclSection] = []
     task_metrics: list[TaskMetricsSection] = []
     samples: SamplesSection | None = None
+    judge: JudgeSection | None = None
     compute: ComputeSection = ComputeSection()
     address: str | None = None  # a Ray cluster (default: the embedded local one)
     output: EvalOutput = EvalOutput()
 
     @pydantic.model_validator(mode="after")
     def _something_to_do(self):
-        if not (self.perplexity or self.icl or self.task_metrics or self.samples):
-            raise ValueError("nothing to evaluate: give at least one of perplexity, icl, task_metrics, samples")
+        if not (self.perplexity or self.icl or self.task_metrics or self.samples or self.judge):
+            raise ValueError("nothing to evaluate: give at least one of perplexity, icl, task_metrics, samples, judge")
         named = {m.name for m in self.models if m.name}
+        if self.judge:
+            j = self.judge
+            for field, names in (("baseline", [j.baseline]), ("candidates", j.candidates or []),
+                                 ("kl_reference", [j.kl_reference] if j.kl_reference else [])):
+                for n in names:
+                    if n not in named:
+                        raise ValueError(f"judge.{field}: {n!r} is not the name of a models entry "
+                                         f"(named: {', '.join(sorted(named)) or 'none; give models[].name'})")
+            if len(named - {j.baseline}) == 0 and not j.candidates:
+                raise ValueError("judge.candidates: no model to compare with the baseline; name another models entry")
         sections = [(f"{what}[{i}]", sec) for what in ("icl", "perplexity", "task_metrics")
                     for i, sec in enumerate(getattr(self, what))] + ([("samples", self.samples)] if self.samples else [])
         for where, sec in sections:
