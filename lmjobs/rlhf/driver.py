@@ -119,7 +119,7 @@ class Controller:
 
         self.spec, self.progress, self.cfg = spec, progress, spec.output.storage
         self.run_dir = run_dir_of(spec)
-        self.prompts = load_prompts(spec.data.prompts, self.cfg)
+        self.prompts = load_prompts(spec.data.prompts, self.cfg)[:spec.data.max_prompts]
         # reward code read here and sent with the actors' arguments; a wrong path fails before any cluster work
         self.reward_section, self.reward_sources = shipped(spec.reward)
         self.reward_auth = auth_header(spec.reward)  # held in memory only: never in a file or a log line

@@ -119,6 +119,8 @@ class RlhfDataSection(Section):
     chat_template: bool = True  # wrap each prompt as a user turn when the tokenizer has a chat template
     max_prompt_tokens: int = Field(128, ge=1)  # longer prompts keep their last tokens
     shuffle: bool = True  # each pass over the prompts in a seeded order
+    # only the first N prompts (the rest stay held out, e.g. for an eval judge's skip_prompts: N)
+    max_prompts: int | None = Field(None, ge=1)
 
 
 class KlSection(Section):
