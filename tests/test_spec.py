@@ -25,10 +25,15 @@ def problems(path, overrides=()):
     return info.value.problems
 
 
-def test_recipes_validate_and_fill_defaults():
+def test_recipes_validate_and_fill_defaults(monkeypatch):
+    from lmjobs.kinds import problems as kind_problems
+
+    monkeypatch.chdir(REPO)  # recipes name ../shared/data relative to the checkout
     for recipe in (REPO / "lmjobs" / "recipes").glob("*.yaml"):
         spec = load_spec(recipe, KINDS)
         assert spec.kind in KINDS
+        if spec.kind == "pipeline":  # every stage checked, inputs from earlier stages as their outputs
+            assert kind_problems(spec) == [], recipe
     spec = load_spec(TINY, KINDS)
     assert isinstance(spec, PretrainSpec)
     assert spec.global_batch_size == 8 * 1 * 2
