@@ -12,6 +12,7 @@ import time
 
 import pytest
 import yaml
+from helpers.waiting import wait_for as _wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -114,14 +115,6 @@ def test_stage_names_are_unique(tmp_path, tiny_gpt2):
     body["stages"][3]["name"] = "sft"
     out = _cli("validate", str(_write(tmp_path, body)))
     assert out.returncode == 2 and "stages[3].name: 'sft' names an earlier stage too" in out.stderr
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.mark.slow

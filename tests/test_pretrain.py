@@ -10,6 +10,7 @@ from lmjobs.kinds import KINDS
 from lmjobs.pretrain.driver import run
 from lmjobs.runner import check_cpu_headroom, resume_step
 from tests.conftest import REPO
+from helpers.waiting import wait_for as _wait_for
 
 TINY = REPO / "lmjobs" / "recipes" / "tiny.yaml"
 
@@ -116,17 +117,6 @@ def test_rerun_resumes_from_last_checkpoint_zero3_export(ray_cluster, tmp_path):
     assert [m["start_step"] for m in steps] == [0, 0, 6]
     assert out2["checkpoint"].endswith("checkpoint_step0000009")
     _export_loads_without_lmjobs(out2["checkpoint"], tmp_path / "export")  # ZeRO-3: gathered on save
-
-
-def _wait_for(predicate, timeout, what):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.ray

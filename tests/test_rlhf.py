@@ -15,6 +15,7 @@ import pytest
 
 from cluster.spec import load_spec
 from lmjobs.kinds import KINDS, run
+from helpers.waiting import wait_for as _wait_for
 
 HELPERS = pathlib.Path(__file__).parent / "helpers"
 
@@ -57,14 +58,6 @@ def quarter_means(rows: list[dict]) -> tuple[float, float]:
     first = sum(m["reward_mean"] for m in rows[:q]) / q
     last = sum(m["reward_mean"] for m in rows[-q:]) / q
     return first, last
-
-
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _logged(path: pathlib.Path, step: int) -> bool:

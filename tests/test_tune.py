@@ -18,6 +18,7 @@ import yaml
 from cluster.spec import SpecError, load_spec
 from lmjobs.kinds import KINDS
 from tests.conftest import REPO
+from helpers.waiting import wait_for as _wait_for
 
 WORDS = "the a movie film story actor plot scene music long short old new big small red blue day night city".split()
 
@@ -174,15 +175,6 @@ with torch.no_grad():
 print(json.dumps({"accuracy": (logits.argmax(-1) == gold).float().mean().item(),
                   "loss": torch.nn.functional.cross_entropy(logits, gold).item()}))
 """
-
-
-def _wait_for(check, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if check():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _overlap(intervals: list[tuple[float, float]]) -> int:
