@@ -91,6 +91,8 @@ def test_demo_runs_to_the_end_and_says_where_results_are(ray_cluster, tmp_path):
     steps = [json.loads(line)["step"] for line in pathlib.Path(rlhf["metrics"]).read_text().splitlines()]
     assert steps == list(range(1, 7)) and rlhf["curves"] in out.stdout and rlhf["policy"] in out.stdout
     assert (tmp_path / "demo-rlhf" / "checkpoints" / "step_000006" / "controller.json").exists()
+    figures = rlhf["figures"]  # the KL stayed under the recipe's target on every step
+    assert figures["kl_max"] < figures["kl_target"], figures
     import transformers
 
     assert transformers.AutoConfig.from_pretrained(rlhf["policy"]).model_type == "llama"
