@@ -141,6 +141,9 @@ def test_grpo_learns_the_reward_within_kl_and_survives_rollout_reward_and_policy
     assert max(m["rollout_restarts"] for m in rows) >= 1 and max(m["reward_restarts"] for m in rows) >= 1
     resumed = outcome["start_step"]  # the policy's loss restarted every role from a checkpoint
     assert resumed >= 4 and resumed % 4 == 0 and {m["start_step"] for m in rows if m["step"] > resumed} == {resumed}
+    [restart] = outcome["restarts"]  # the steps lost to it are reported
+    assert restart["from_checkpoint_step"] == resumed and restart["error"]
+    assert restart["steps_lost"] == restart["lost_at_step"] - 1 - resumed >= 0
     first, last = quarter_means(rows)
     assert first < 0.15 and last > first + 0.15, (first, last)
     assert max(m["kl"] for m in rows) < 1.0 and rows[-1]["kl_coef"] != 0.1  # under target; the controller moved

@@ -494,7 +494,7 @@ def run(spec: RlhfSpec, progress=print) -> dict:
     at most train.max_failures times."""
     from lmjobs.rlhf.actors import LOST_ERRORS
 
-    failures = 0
+    failures, restarts = 0, []
     while True:
         controller = Controller(spec, progress)  # everything checked before any cluster work
         try:
@@ -506,11 +506,16 @@ def run(spec: RlhfSpec, progress=print) -> dict:
             if failures > spec.train.max_failures:
                 raise
             line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            progress(f"[rlhf] lost at step {controller.step + 1} ({type(exc).__name__}: {line}); every role "
-                     f"starts again from the last checkpoint ({failures} of train.max_failures="
-                     f"{spec.train.max_failures})")
+            saved = latest_checkpoint(controller.run_dir, controller.cfg)
+            back_to = controller._saved(saved)["step"] if saved else 0
+            restarts.append({"lost_at_step": controller.step + 1, "from_checkpoint_step": back_to,
+                             "steps_lost": controller.step - back_to, "error": type(exc).__name__})
+            progress(f"[rlhf] lost at step {controller.step + 1} ({type(exc).__name__}: {line}); every role starts "
+                     f"again from the step-{back_to} checkpoint, so steps {back_to + 1}-{controller.step} run again "
+                     f"({controller.step - back_to} steps lost; {failures} of train.max_failures={spec.train.max_failures})")
         finally:
             controller.stop()
+    out["restarts"] = restarts
     storage.write_text(storage.join(controller.run_dir, "summary.json"), json.dumps(out, indent=1), controller.cfg)
     return out
 
