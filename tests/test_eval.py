@@ -203,7 +203,10 @@ def test_judge_scores_each_candidate_against_the_baseline_with_the_reward_model(
     torch.manual_seed(1)
     other = tmp_path / "other"
     config = transformers.AutoConfig.from_pretrained(tiny_gpt2)
-    transformers.GPT2LMHeadModel(config).save_pretrained(other)  # another random policy, same tokenizer
+    policy = transformers.GPT2LMHeadModel(config)  # another policy, same tokenizer: a peaked distribution
+    with torch.no_grad():
+        policy.transformer.wte.weight.mul_(30)  # (tied output embeddings) far from the near-uniform baseline
+    policy.save_pretrained(other)
     transformers.AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(other)
     reward_model = tmp_path / "rm"
     torch.manual_seed(2)
@@ -223,7 +226,7 @@ def test_judge_scores_each_candidate_against_the_baseline_with_the_reward_model(
     judged = out["judge"]
     same, diff = judged["candidates"]["same"], judged["candidates"]["other"]
     assert same["n"] == 10 and same["ties"] == 10 and same["win_rate"] == 0.5 and same["kl_per_token"] == 0.0
-    assert diff["kl_per_token"] > 0.01 and diff["ci95"][0] <= diff["win_rate"] <= diff["ci95"][1]
+    assert diff["kl_per_token"] > 0.1 and diff["ci95"][0] <= diff["win_rate"] <= diff["ci95"][1]
     side = judged["side_by_side"]
     assert [row["prompt"] for row in side] == [f"question {i}: what next?" for i in (2, 3, 4)]
     assert all(row["same"] == row["sft"] for row in side)  # same seeds, same weights: same completions

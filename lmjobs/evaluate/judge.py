@@ -5,7 +5,7 @@ Per candidate: the win rate over the baseline (a tie counts half) with its 95 % 
 both mean rewards, the mean response length, and the KL per token to a reference model (default
 the baseline) on the candidate's own samples: mean over completions of
 (log p_candidate(y | x) - log p_reference(y | x)) / tokens (Schulman's k1, unbiased at the sampled
-temperature), with both log-probs from one forward pass over the same tokens.
+temperature), both log-probs of the sampled token ids themselves (one vocabulary).
 """
 from __future__ import annotations
 
@@ -49,17 +49,15 @@ def generation_requests(tok, prompts: list[str], section, batch_size: int) -> li
     """One sampled completion a prompt, seeded by the prompt's place: every model draws with the
     same seeds."""
     items = [{"ids": ids, "max_new_tokens": section.max_new_tokens, "stop": [], "seed": section.seed * 100_003 + i,
-              "temperature": section.temperature, "top_k": 0}
+              "temperature": section.temperature, "top_k": 0, "with_ids": True}
              for i, ids in enumerate(_encoded(tok, prompts, section))]
     return batched(items, 1 if section.temperature > 0 else batch_size, "generate")
 
 
-def loglik_requests(tok, prompts: list[str], texts: list[str], section, batch_size: int) -> list[dict]:
-    """log p(completion | prompt) of each (prompt, completion), the completion as its tokens."""
-    items = []
-    for j, (ids, text) in enumerate(zip(_encoded(tok, prompts, section), texts)):
-        cont = tok(text, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
-        items.append({"ctx": ids, "conts": [cont], "key": j})
+def loglik_requests(tok, prompts: list[str], sampled: list[list[int]], section, batch_size: int) -> list[dict]:
+    """log p(completion | prompt) of each (prompt, sampled tokens)."""
+    items = [{"ctx": ids, "conts": [cont or [tok.eos_token_id]], "key": j}
+             for j, (ids, cont) in enumerate(zip(_encoded(tok, prompts, section), sampled))]
     return batched(items, batch_size, "loglik")
 
 
@@ -88,18 +86,25 @@ def run(spec, models: dict[str, Any], threads: int, progress: Callable[[str], No
     prompts = prompts_of(section, cfg)
     candidates = section.candidates or [n for n in models if n not in (section.baseline, section.kl_reference)]
     reference = section.kl_reference or section.baseline
+    vocab = _tokenizer(models[reference].directory).get_vocab()
+    for name in candidates:  # the KL compares log-probs of the same token ids
+        if _tokenizer(models[name].directory).get_vocab() != vocab:
+            raise ValueError(f"judge.kl_reference: {reference}'s tokenizer differs from {name}'s; the KL needs "
+                             "one vocabulary (name another kl_reference)")
     texts: dict[str, list[str]] = {}
+    sampled: dict[str, list[list[int]]] = {}
     for name in [section.baseline, *candidates]:
         m = models[name]
         progress(f"[eval] judge: {name} samples {len(prompts)} completions")
         out = run_pool(m.ref, m.head, generation_requests(_tokenizer(m.directory), prompts, section, compute.batch_size),
                        compute, cfg, threads)
-        texts[name] = [t for batch in out for t in batch]
+        flat = [t for batch in out for t in batch]
+        texts[name], sampled[name] = [t["text"] for t in flat], [t["ids"] for t in flat]
     logps: dict[tuple[str, str], list[dict]] = {}
     for name in candidates:  # each candidate's samples under itself and under the reference
         for scorer in (name, reference):
             m = models[scorer]
-            requests = loglik_requests(_tokenizer(m.directory), prompts, texts[name], section, compute.batch_size)
+            requests = loglik_requests(_tokenizer(m.directory), prompts, sampled[name], section, compute.batch_size)
             out = run_pool(m.ref, m.head, requests, compute, cfg, threads)
             flat = {item["key"]: o[0] for request, outs in zip(requests, out)
                     for item, o in zip(request["items"], outs)}

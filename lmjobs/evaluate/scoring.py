@@ -186,7 +186,10 @@ class Scorer:
             if sample else {"do_sample": False}
         gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                   max_new_tokens=item["max_new_tokens"], pad_token_id=self._pad_id(), **kwargs)
-        return self._cut(self.tokenizer.decode(gen[0][ids.shape[1]:], skip_special_tokens=True), item.get("stop"))
+        text = self._cut(self.tokenizer.decode(gen[0][ids.shape[1]:], skip_special_tokens=True), item.get("stop"))
+        if item.get("with_ids"):  # the sampled tokens themselves (a decode-encode round trip may differ)
+            return {"text": text, "ids": gen[0][ids.shape[1]:].tolist()}
+        return text
 
     def _pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
