@@ -215,6 +215,9 @@ class PolicyActor(_Trained):
         spec = self.spec
         kl_in_loss = spec.kl_where == "loss" and "ref_logprobs" in batch and kl_coef > 0
         generator = torch.Generator().manual_seed(spec.train.seed * 100003 + step)
+        # dropout draws from the global stream: a function of (seed, step), so a resumed run updates
+        # exactly as the uninterrupted one (a restarted actor's stream would start afresh)
+        torch.manual_seed(spec.train.seed * 100043 + step)
         size = batch["input_ids"].shape[0]
         sums: dict[str, float] = {}
         count = 0
@@ -231,7 +234,7 @@ class PolicyActor(_Trained):
             loss, figures = policy_loss(logp, old, mb["advantages"], mask, spec.ppo.clip)
             figures["policy_loss"] = float(loss.detach())
             if kl_in_loss:
-                kl = masked_mean(kl_penalty(logp, mb["ref_logprobs"], spec.kl.estimator), mask)
+                kl = masked_mean(kl_penalty(logp, mb["ref_logprobs"], spec.kl_estimator), mask)
                 loss = loss + kl_coef * kl
                 figures["kl_loss"] = float(kl.detach())
             entropy = masked_mean(ent, mask)
@@ -328,6 +331,7 @@ class CriticActor(_Trained):
         _threads(threads)
         spec = self.spec
         generator = torch.Generator().manual_seed(spec.train.seed * 100019 + step)
+        torch.manual_seed(spec.train.seed * 100057 + step)  # dropout, as the policy's
         size = batch["input_ids"].shape[0]
         sums, count = {"value_loss": 0.0, "vf_clipfrac": 0.0}, 0
 

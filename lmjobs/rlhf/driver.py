@@ -341,7 +341,7 @@ class Controller:
             advantages = adv[:, None].expand_as(mask) * mask
         else:
             shaping = self.kl.coef if spec.kl_where == "reward" and ref_logp is not None else 0.0
-            rewards = losses.token_rewards(score_t, mask, old_logp, ref_logp, shaping, spec.kl.estimator)
+            rewards = losses.token_rewards(score_t, mask, old_logp, ref_logp, shaping, spec.kl_estimator)
             advantages, logps["returns"] = losses.gae(rewards, values, mask, spec.ppo.gamma, spec.ppo.lam)
             if spec.ppo.whiten_advantages:
                 advantages = losses.whiten(advantages, mask)
@@ -353,7 +353,7 @@ class Controller:
         if ref_logp is not None:
             train_batch["ref_logprobs"] = ref_logp
             if old_logp is not None:
-                figures["kl"] = float(losses.masked_mean(losses.kl_penalty(old_logp, ref_logp, spec.kl.estimator), mask))
+                figures["kl"] = float(losses.masked_mean(losses.kl_penalty(old_logp, ref_logp, spec.kl_estimator), mask))
         return train_batch, figures
 
     def update(self, step: int, batch: dict, train_batch: dict, logps: dict) -> dict:

@@ -41,7 +41,7 @@ def plot(spec: RlhfSpec, history: list[dict], path: pathlib.Path) -> str:
     top.legend(loc="best")
     kl = [(m["step"], m["kl"]) for m in history if m.get("kl") is not None]
     if kl:
-        bottom.plot([s for s, _ in kl], [v for _, v in kl], marker=".", color="tab:red", label=f"KL ({spec.kl.estimator})")
+        bottom.plot([s for s, _ in kl], [v for _, v in kl], marker=".", color="tab:red", label=f"KL ({spec.kl_estimator})")
         bottom.axhline(spec.kl.target, color="gray", linestyle="--", label=f"target {spec.kl.target}")
         bottom.legend(loc="best")
     bottom.set_ylabel("KL per token")

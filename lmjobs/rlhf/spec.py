@@ -132,8 +132,10 @@ class KlSection(Section):
     # adaptive: completions over which a full error moves the coefficient by 100 % (Ziegler et al.);
     # None: ten steps' completions, so the coefficient moves at the scale of a run (at most ~2 % a step)
     horizon: int | None = Field(None, ge=1)
-    # the per-token estimate used in the loss (GRPO / RLOO), in PPO's reward shaping and in the log
-    estimator: Literal["k1", "k2", "k3"] = "k3"
+    # the per-token estimate used in the loss (GRPO / RLOO) or PPO's reward shaping, and in the log;
+    # None: k3 in a loss (unbiased and non-negative), k1 in a reward (the log-ratio, the usual shaping:
+    # k3's near-quadratic penalty lets the policy drift much further at the same coefficient)
+    estimator: Literal["k1", "k2", "k3"] | None = None
     # loss: beta * KL added to the policy loss (GRPO); reward: -coef * KL per token in the reward (PPO)
     where: Literal["loss", "reward"] | None = None  # default: loss for grpo/rloo, reward for ppo
 
@@ -150,7 +152,7 @@ class PpoSection(Section):
     minibatch_size: int | None = Field(None, ge=1)  # completions a gradient step; None: all of them
     # the first N steps train the critic only (the policy samples but is not updated), so that the
     # values the first policy updates see explain some of the returns instead of being noise
-    critic_warmup_steps: int = Field(2, ge=0)
+    critic_warmup_steps: int = Field(0, ge=0)
 
 
 class RlhfTrainSection(Section):
@@ -240,6 +242,10 @@ class RlhfSpec(JobSpec):
     @property
     def kl_where(self) -> str:
         return self.kl.where or ("reward" if self.algorithm == "ppo" else "loss")
+
+    @property
+    def kl_estimator(self) -> str:
+        return self.kl.estimator or ("k1" if self.kl_where == "reward" else "k3")
 
     @property
     def kl_horizon(self) -> int:
