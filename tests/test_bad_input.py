@@ -50,6 +50,10 @@ def _specs(tmp: pathlib.Path) -> dict[str, tuple[dict, str]]:
                  "icl[0].task"),
         "label": ({"kind": "label", "name": "l", "model": model, "data": {"source": f"{gone}/texts"},
                    "output": {"root": str(tmp / "out")}}, "data.source"),
+        # a stage's field, named with its stage; the later stages' inputs come from earlier stages
+        "pipeline": (_with("pipeline-classic-road.yaml", **{"stages.0.spec.inputs.0.path": f"{gone}/alpaca.json",
+                                                            "output.root": str(tmp / "out")}),
+                     "stages[0] (alpaca): inputs[0].path"),
     }
 
 
