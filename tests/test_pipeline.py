@@ -58,7 +58,7 @@ def _road(tmp_path: pathlib.Path, tiny_gpt2: str, rl_steps: int = 3) -> dict:
                                     "rollout": {"colocate": True, "max_new_tokens": 8},
                                     "data": {"prompts": str(prompts), "chat_template": False},
                                     "train": {"steps": rl_steps, "prompts_per_step": 2, "group_size": 2,
-                                              "checkpoint_every": 1},
+                                              "checkpoint_every": 3},
                                     "output": {"root": runs}}},
             {"name": "judge", "spec": {"kind": "eval", "name": "judge",
                                        "models": [{"name": "sft", "path": "{stages.sft.model}"},
@@ -119,12 +119,12 @@ def test_stage_names_are_unique(tmp_path, tiny_gpt2):
 
 @pytest.mark.slow
 def test_pipeline_killed_in_its_rlhf_stage_reruns_without_redoing_finished_stages(ray_cluster, tiny_gpt2, tmp_path):
-    path = _write(tmp_path, _road(tmp_path, tiny_gpt2, rl_steps=6))
+    path = _write(tmp_path, _road(tmp_path, tiny_gpt2, rl_steps=30))  # a tiny step takes ~0.2 s: many left at the kill
     command = [sys.executable, "-m", "lmjobs.cli", "pipeline", str(path), "--address", ray_cluster]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    checkpoint = tmp_path / "runs" / "rl" / "checkpoints" / "step_000002" / "controller.json"
+    checkpoint = tmp_path / "runs" / "rl" / "checkpoints" / "step_000003" / "controller.json"
     try:
-        _wait_for(lambda: checkpoint.exists() or first.poll() is not None, 400, "the RLHF stage's step-2 checkpoint")
+        _wait_for(lambda: checkpoint.exists() or first.poll() is not None, 400, "the RLHF stage's step-3 checkpoint")
         assert first.poll() is None, first.stdout.read()
         first.send_signal(signal.SIGKILL)
     finally:
@@ -135,7 +135,7 @@ def test_pipeline_killed_in_its_rlhf_stage_reruns_without_redoing_finished_stage
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     log = again.stdout
     assert "1/4 data (data_ingest): done on an earlier run" in log and "2/4 sft (finetune): done on an earlier run" in log
-    assert "3/4 rl (rlhf): resuming" in log and "resumed from step_00000" in log
+    assert "3/4 rl (rlhf): resuming" in log and "resumed from step_0000" in log
     assert "4/4 judge (eval): running" in log
     state = json.loads((tmp_path / "runs" / "road" / "pipeline.json").read_text())
     attempts = {n: (s["state"], s["attempts"]) for n, s in state["stages"].items()}
@@ -144,7 +144,7 @@ def test_pipeline_killed_in_its_rlhf_stage_reruns_without_redoing_finished_stage
     rl_spec = yaml.safe_load((tmp_path / "runs" / "road" / "stages" / "rl.yaml").read_text())
     assert rl_spec["policy"]["model"] == state["stages"]["sft"]["outputs"]["model"]
     rows = [json.loads(line) for line in (tmp_path / "runs" / "rl" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in rows] == list(range(1, 7))
+    assert [m["step"] for m in rows] == list(range(1, 31))
     judged = json.loads((pathlib.Path(state["stages"]["judge"]["outputs"]["dir"]) / "results.json").read_text())
     assert {"sft", "rl"} <= set(json.dumps(judged).replace('"', " ").split())
     status = _cli("pipeline", "status", str(tmp_path / "runs" / "road"))

@@ -511,8 +511,8 @@ def run(spec: RlhfSpec, progress=print) -> dict:
             restarts.append({"lost_at_step": controller.step + 1, "from_checkpoint_step": back_to,
                              "steps_lost": controller.step - back_to, "error": type(exc).__name__})
             progress(f"[rlhf] lost at step {controller.step + 1} ({type(exc).__name__}: {line}); every role starts "
-                     f"again from the step-{back_to} checkpoint, so steps {back_to + 1}-{controller.step} run again "
-                     f"({controller.step - back_to} steps lost; {failures} of train.max_failures={spec.train.max_failures})")
+                     f"again from the last checkpoint (step {back_to}): steps {back_to + 1}-{controller.step} run again, "
+                     f"{controller.step - back_to} steps lost ({failures} of train.max_failures={spec.train.max_failures})")
         finally:
             controller.stop()
     out["restarts"] = restarts
