@@ -61,21 +61,26 @@ def loglik_requests(tok, prompts: list[str], sampled: list[list[int]], section, 
     return batched(items, batch_size, "loglik")
 
 
-def _rewards(reward_model: str, prompts: list[str], texts: list[str], cfg) -> list[float]:
-    """The reward model's scores, computed in a Ray task (the model resolved on that task's node)."""
+def _score(model: str, storage_data: dict | None, prompts: list[str], texts: list[str]) -> list[float]:
+    from cluster.storage import StorageConfig
+    from lmjobs.rlhf.rewards import Scorer
+    from lmjobs.rlhf.spec import RlhfRewardSection
+
+    scorer = Scorer(RlhfRewardSection(model=model, retries=0),
+                    storage_cfg=StorageConfig.model_validate(storage_data) if storage_data else None)
+    return scorer.score(prompts, texts)["parts"]["reward_model"]
+
+
+def _rewards(reward_model: str, prompts: list[str], texts: dict[str, list[str]], cfg) -> dict[str, list[float]]:
+    """Every model's completions scored by the reward model in one Ray task (the model loaded once,
+    resolved on that task's node)."""
     import ray
 
-    @ray.remote(num_cpus=1)
-    def score(model: str, storage_data: dict | None, prompts: list[str], texts: list[str]) -> list[float]:
-        from cluster.storage import StorageConfig
-        from lmjobs.rlhf.rewards import Scorer
-        from lmjobs.rlhf.spec import RlhfRewardSection
-
-        scorer = Scorer(RlhfRewardSection(model=model, retries=0),
-                        storage_cfg=StorageConfig.model_validate(storage_data) if storage_data else None)
-        return scorer.score(prompts, texts)["parts"]["reward_model"]
-
-    return ray.get(score.remote(reward_model, cfg.model_dump(mode="json") if cfg else None, prompts, texts))
+    names = list(texts)
+    flat = ray.get(ray.remote(num_cpus=1)(_score).remote(
+        reward_model, cfg.model_dump(mode="json") if cfg else None, prompts * len(names),
+        [t for name in names for t in texts[name]]))
+    return {name: flat[i * len(prompts):(i + 1) * len(prompts)] for i, name in enumerate(names)}
 
 
 def run(spec, models: dict[str, Any], threads: int, progress: Callable[[str], None]) -> dict:
@@ -110,7 +115,7 @@ def run(spec, models: dict[str, Any], threads: int, progress: Callable[[str], No
                     for item, o in zip(request["items"], outs)}
             logps[(name, scorer)] = [flat[j] for j in range(len(prompts))]
     progress(f"[eval] judge: the reward model scores {len(prompts) * (1 + len(candidates))} completions")
-    rewards = {name: _rewards(section.reward_model, prompts, texts[name], cfg) for name in texts}
+    rewards = _rewards(section.reward_model, prompts, texts, cfg)
     figures = {}
     for name in candidates:
         won = outcomes(rewards[name], rewards[section.baseline])

@@ -112,9 +112,9 @@ def state_uri(spec: PipelineSpec) -> str:
 
 
 def _root(spec: PipelineSpec) -> str:
-    root = spec.output.root
-    root = root if storage.is_remote(root) else str(pathlib.Path(root).expanduser().resolve())
-    return storage.join(root, spec.name)
+    from lmjobs.runner import run_dir_of  # ROOT/NAME, a local root made absolute, as every job's
+
+    return run_dir_of(spec)
 
 
 def _load_state(uri: str, cfg) -> dict:
